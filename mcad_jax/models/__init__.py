@@ -1,0 +1,1 @@
+"""Flax linen models. Pure functions of their params: `model.apply({'params': p}, ...)`."""

@@ -1,0 +1,62 @@
+"""ViT image tower: uint8/float images in, pooled features and tokens out."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mcad_jax.models import layers
+
+
+class ViT(nn.Module):
+  """Vision transformer with in-model preprocessing.
+
+  Images arrive as [B, H, W, 3] in 0..255 (uint8 or float); scaling and
+  mean/std normalisation happen here, so exported encoders take raw pixels.
+
+  Attributes:
+    width, depth, heads, mlp_dim: transformer size.
+    patch: square patch side.
+    pool: "gap" (mean of patch tokens) or "tok" (a learned [CLS] token).
+    mean, std: per-channel normalisation in 0..1 units.
+    dtype: compute dtype.
+  """
+
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  patch: int
+  pool: str = "gap"
+  mean: Sequence[float] = (0.5, 0.5, 0.5)
+  std: Sequence[float] = (0.5, 0.5, 0.5)
+  dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array):
+    """Returns (pooled [B, width], {"tokens": [B, N, width]})."""
+    b, h, w, _ = images.shape
+    if h % self.patch or w % self.patch:
+      raise ValueError(f"image {h}x{w} is not divisible by patch {self.patch}")
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(self.mean, jnp.float32)) / jnp.asarray(self.std, jnp.float32)
+    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
+                padding="VALID", dtype=self.dtype, kernel_init=layers.dense_init,
+                name="embedding")(x.astype(self.dtype))
+    x = x.reshape(b, -1, self.width)
+    if self.pool == "tok":
+      cls = self.param("cls", nn.initializers.zeros, (1, 1, self.width))
+      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
+    pos = self.param("pos_embedding", layers.embed_init, (1, x.shape[1], self.width))
+    x = x + pos.astype(x.dtype)
+    x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
+    if self.pool == "gap":
+      pooled = x.mean(axis=1)
+    elif self.pool == "tok":
+      pooled = x[:, 0]
+    else:
+      raise ValueError(f"unknown pool {self.pool!r}; use 'gap' or 'tok'")
+    return pooled, {"tokens": x}

