@@ -52,8 +52,10 @@ def _i2t_ranks(zimg_blk, ztxt, first):
   sim = zimg_blk @ ztxt.T                                    # [b, 5N]
   rows = jnp.arange(zimg_blk.shape[0])
   cols = (first + rows)[:, None] * NUM_EVAL_CAPTIONS + jnp.arange(NUM_EVAL_CAPTIONS)
-  best = jnp.max(jnp.take_along_axis(sim, cols, axis=1), axis=1)
-  return jnp.sum(sim > best[:, None], axis=1)
+  own = jnp.take_along_axis(sim, cols, axis=1)
+  best = jnp.max(own, axis=1, keepdims=True)
+  # Other captions scoring >= the best true one; ties go against the model.
+  return jnp.sum(sim >= best, axis=1) - jnp.sum(own >= best, axis=1)
 
 
 @jax.jit
@@ -62,7 +64,7 @@ def _t2i_ranks(ztxt_blk, zimg, first):
   sim = ztxt_blk @ zimg.T                                    # [b, N]
   own = (first + jnp.arange(ztxt_blk.shape[0])) // NUM_EVAL_CAPTIONS
   true = jnp.take_along_axis(sim, own[:, None], axis=1)
-  return jnp.sum(sim > true, axis=1)
+  return jnp.sum(sim >= true, axis=1) - 1  # Other images scoring >= the true one.
 
 
 def _blocked(fn, queries, keys, block):

@@ -97,7 +97,13 @@ def main(argv) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  results = train.run_stages(config, workdir, mesh)
+  from mcad_jax import metrics
+
+  try:
+    results = train.run_stages(config, workdir, mesh)
+  except metrics.NonFiniteLossError as e:
+    print(f"mcad_jax: {e}", file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(train.format_table(results))
     print(f"results: {os.path.join(workdir, 'results.json')}")

@@ -45,6 +45,17 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(os.path.dirname(path), exist_ok=True)
 
+  def truncate_after(self, step: int) -> None:
+    """Drops records past `step`: a resumed run rewrites them, so none appear twice."""
+    if not self.enabled or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(keep)
+    os.replace(tmp, self.path)
+
   def write(self, record: dict) -> None:
     if not self.enabled:
       return

@@ -19,7 +19,6 @@ import zlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mcad_jax import checkpoint, evaluate, losses, metrics, sharding
@@ -105,7 +104,7 @@ def train_step(state, batch, *, loss_fn, tx, schedule, accum):
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   out = {"training_loss": loss, "lr": schedule(state["step"]),
-         "l2_grads": optax.global_norm(grads), "l2_params": optax.global_norm(params), **terms}
+         "l2_grads": optax.tree.norm(grads), "l2_params": optax.tree.norm(params), **terms}
   return {"params": params, "opt": opt, "step": state["step"] + 1}, out
 
 
@@ -208,27 +207,32 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
       out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
 
   writer = metrics.MetricWriter(os.path.join(stage_dir, "metrics.jsonl"))
+  writer.truncate_after(first_step)
   progress = metrics.Progress(name, scfg.steps, first_step, scfg.batch_size)
   t_start = time.time()
-  pending = None  # (step, loss) of the previous step: checked one step late to keep overlap.
-  for step in range(first_step + 1, scfg.steps + 1):
-    batch = sharding.to_global(next(data), mesh)
-    state, m = step_fn(state, batch)
-    if pending is not None:
-      metrics.check_finite(pending[0], float(pending[1]))
-    pending = (step, m["training_loss"])
-    is_last = step == scfg.steps
-    if step % config.log_every == 0 or is_last:
-      host = jax.device_get(m)
-      metrics.check_finite(step, float(host["training_loss"]))
-      rate = progress.examples_per_sec(step)
-      writer.write({"step": step, **host, "examples_per_sec": rate})
-      progress.show(progress.line(step, float(host["training_loss"]), rate))
-    if step % config.ckpt_every == 0 or is_last:
-      metrics.check_finite(step, float(m["training_loss"]))
-      ckpt.save(step, state, {"iter": data.get_state(),
-                              "seconds": seconds0 + time.time() - t_start})
-  ckpt.close()
+  try:
+    pending = None  # (step, loss) of the previous step: checked one step late to keep overlap.
+    for step in range(first_step + 1, scfg.steps + 1):
+      batch = sharding.to_global(next(data), mesh)
+      state, m = step_fn(state, batch)
+      if pending is not None:
+        metrics.check_finite(pending[0], float(pending[1]))
+      pending = (step, m["training_loss"])
+      is_last = step == scfg.steps
+      if step % config.log_every == 0 or is_last:
+        host = jax.device_get(m)
+        metrics.check_finite(step, float(host["training_loss"]))
+        rate = progress.examples_per_sec(step)
+        writer.write({"step": step, **host, "examples_per_sec": rate})
+        progress.show(progress.line(step, float(host["training_loss"]), rate))
+      if step % config.ckpt_every == 0 or is_last:
+        # Never save a bad state: the loss and the updated params must both be finite.
+        metrics.check_finite(step, float(m["training_loss"]))
+        metrics.check_finite(step, float(m["l2_params"]))
+        ckpt.save(step, state, {"iter": data.get_state(),
+                                "seconds": seconds0 + time.time() - t_start})
+  finally:
+    ckpt.close()  # Lets a pending async save of a good state finish.
   seconds = seconds0 + time.time() - t_start
 
   # Evaluation on the test split.
@@ -278,3 +282,14 @@ def format_table(results: dict) -> str:
 
 __all__ = ["train_stage", "run_stages", "format_table", "make_optimizer", "make_loss_fn",
            "train_step", "abstract_state"]
+
+
+def compiled_init(config, name: str, mesh):
+  """The stage's sharded init, compiled but not run (for memory checks)."""
+  init, shard, _ = abstract_state(config, config[name], mesh)
+  return jax.jit(init, out_shardings=shard).lower(jax.random.key(0)).compile()
+
+
+def state_bytes_per_device(config, name: str, mesh) -> int:
+  """Per-device bytes of params + optimizer state, from XLA's memory analysis."""
+  return int(compiled_init(config, name, mesh).memory_analysis().output_size_in_bytes)

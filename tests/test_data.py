@@ -1,0 +1,115 @@
+"""Scene generator, tokenizer and input pipeline."""
+
+import numpy as np
+import pytest
+
+from mcad_jax.data import scenes
+from mcad_jax.data.tokenizer import Tokenizer
+
+
+def test_scenes_are_deterministic_and_split_dependent():
+  spec = scenes.SceneSpec()
+  a, b = scenes.example(spec, 0, "train", 7), scenes.example(spec, 0, "train", 7)
+  np.testing.assert_array_equal(a["image"], b["image"])
+  assert a["captions"] == b["captions"]
+  c = scenes.example(spec, 0, "test", 7)
+  assert not np.array_equal(a["image"], c["image"])
+
+
+def test_scene_captions_and_hard_negatives():
+  spec = scenes.SceneSpec(max_objects=3, min_objects=2)
+  rng = np.random.default_rng(0)
+  for i in range(50):
+    ex = scenes.example(spec, 1, "test", i)
+    assert len(ex["captions"]) == 5 and all(ex["captions"])
+    true, rel, attr = ex["hn_true"], ex["hn_relation"], ex["hn_attribute"]
+    assert true and rel and true != rel
+    # The twin names the same objects, in swapped order around the same relation word.
+    assert sorted(true.split()) == sorted(rel.split())
+    if attr:
+      assert attr != true
+  objs = scenes.sample_objects(spec, rng)
+  assert len({(o.row, o.col) for o in objs}) == len(objs)
+
+
+def test_relation_words():
+  a = scenes.Obj("circle", "red", "small", 0, 0)
+  b = scenes.Obj("square", "blue", "large", 0, 2)
+  c = scenes.Obj("square", "blue", "large", 2, 0)
+  assert scenes.relation(a, b) == "left of" and scenes.relation(b, a) == "right of"
+  assert scenes.relation(a, c) == "above" and scenes.relation(c, a) == "below"
+
+
+def test_spec_validation():
+  with pytest.raises(ValueError, match="multiple of grid"):
+    scenes.SceneSpec(image_size=50, grid=3).validate()
+  with pytest.raises(ValueError, match="num_colors"):
+    scenes.SceneSpec(num_colors=99).validate()
+
+
+def test_tokenizer_policy():
+  tok = Tokenizer(8)
+  ids = tok.encode("A small, RED circle!")
+  assert ids.dtype == np.int32 and ids.shape == (8,)
+  assert ids[0] == tok.cls_id
+  words = [tok.inv_vocab[int(i)] for i in ids if i]
+  assert words == ["[CLS]", "a", "small", ",", "red", "circle", "!", "[SEP]"]
+  long = tok.encode("one two three four five six seven eight nine")
+  assert long[-1] == tok.sep_id and (long != 0).all()
+  short = tok.encode("red")
+  assert list(short[3:]) == [0] * 5
+  assert tok.decode(tok.encode("a tiny rhombus")) == "a tiny rhombus"
+
+
+def test_tokenizer_wordpiece_and_unknown():
+  tok = Tokenizer(16)
+  # 'rhombuses' is not one token: it splits into word pieces that join back.
+  ids = tok.ids("rhombuses")
+  assert len(ids) > 1 and tok.decode(ids) == "rhombuses"
+  assert tok.ids("\u2603\u2603") == [tok.unk_id]  # No piece covers it.
+  assert tok.ids("Caf\u00e9") == tok.ids("cafe")  # Accents stripped, as BERT-uncased.
+
+
+def test_tokenizer_rejects_bad_length():
+  with pytest.raises(ValueError, match="max_len"):
+    Tokenizer(1)
+
+
+def test_train_pipeline_is_deterministic_and_resumable(tiny_data):
+  from mcad_jax.data import pipeline
+
+  tok = Tokenizer(tiny_data.text_len)
+  it = pipeline.train_iterator(tiny_data, tok, 16, seed=3)
+  first = [next(it) for _ in range(3)]
+  state = it.get_state()
+  fourth = next(it)
+  assert first[0]["image"].shape == (16, 32, 32, 3) and first[0]["image"].dtype == np.uint8
+  assert first[0]["text"].shape == (16, 16) and (first[0]["text"][:, 0] == tok.cls_id).all()
+  again = pipeline.train_iterator(tiny_data, tok, 16, seed=3)
+  np.testing.assert_array_equal(next(again)["image"], first[0]["image"])
+  resumed = pipeline.train_iterator(tiny_data, tok, 16, seed=3, state=state)
+  b = next(resumed)
+  np.testing.assert_array_equal(b["image"], fourth["image"])
+  np.testing.assert_array_equal(b["text"], fourth["text"])
+  other = pipeline.train_iterator(tiny_data, tok, 16, seed=4)
+  assert not np.array_equal(next(other)["image"], first[0]["image"])
+
+
+def test_eval_set(tiny_data):
+  from mcad_jax.data import pipeline
+
+  tok = Tokenizer(tiny_data.text_len)
+  ev = pipeline.eval_set(tiny_data, tok)
+  assert ev.images.shape == (200, 32, 32, 3)
+  assert ev.texts.shape == (1000, 16)
+  assert set(ev.hard) >= {"true", "relation", "attribute", "true_valid"}
+  assert ev.hard["true_valid"].sum() > 50
+
+
+def test_resize_crop():
+  from mcad_jax.data.pipeline import resize_crop
+
+  img = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+  assert resize_crop(img, 16, None).shape == (16, 16, 3)
+  assert resize_crop(img, 16, np.random.default_rng(0)).shape == (16, 16, 3)
+  assert resize_crop(img[..., 0], 16, None).shape == (16, 16, 3)

@@ -1,0 +1,166 @@
+"""The main job end to end, as a user runs it: exit codes, outputs, kill and resume, NaN stop."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SMOKE = "configs/shapes.py:smoke"
+
+
+def main_cmd(workdir, *overrides, config=SMOKE):
+  return [sys.executable, "-m", "mcad_jax.main", f"--config={config}", f"--workdir={workdir}",
+          *overrides]
+
+
+def run_main(workdir, *overrides, config=SMOKE, timeout=600):
+  return subprocess.run(main_cmd(workdir, *overrides, config=config), cwd=ROOT, capture_output=True,
+                        text=True, timeout=timeout)
+
+
+def final_params(workdir, stage="teacher"):
+  ckdir = pathlib.Path(workdir) / stage / "checkpoints"
+  step = max(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
+  with ocp.CheckpointManager(ckdir) as mngr:
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  return step, jax.tree.map(np.asarray, state["params"])
+
+
+def losses_by_step(workdir, stage="teacher"):
+  with open(pathlib.Path(workdir) / stage / "metrics.jsonl") as f:
+    return {r["step"]: r["training_loss"] for r in map(json.loads, f)}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("--config.teacher.not_a_key=1", "not_a_key"),
+    ("--config.teacher.loss=hinge", "teacher.loss"),
+    ("--config.teacher.batch_size=-4", "teacher.batch_size"),
+    ("--config.teacher.model.image=XXL/8", "teacher.model.image"),
+    ("--config.data.tfds_name=imagenet", "data.tfds_name"),
+])
+def test_bad_config_exits_2_and_names_key(tmp_path, override, key):
+  t = time.time()
+  r = run_main(tmp_path / "w", override)
+  assert r.returncode == 2, r.stderr[-2000:]
+  assert key in r.stderr
+  assert not (tmp_path / "w" / "teacher").exists()  # Nothing ran.
+  assert time.time() - t < 120
+
+
+def test_bad_variant_exits_2(tmp_path):
+  r = run_main(tmp_path / "w", config="configs/shapes.py:nope")
+  assert r.returncode == 2 and "nope" in r.stderr
+
+
+STEPS = ["--config.teacher.steps=120", "--config.ckpt_every=20", "--config.log_every=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_data):
+  del tiny_data
+  w = tmp_path_factory.mktemp("full")
+  r = run_main(w, *STEPS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return w, r
+
+
+def test_results_and_metrics_contract(uninterrupted):
+  w, r = uninterrupted
+  res = json.loads((w / "results.json").read_text())
+  assert res["config"] == "shapes:smoke"
+  assert res["stages"]["teacher"]["steps"] == 120 and res["stages"]["teacher"]["seconds"] > 0
+  row = res["retrieval"]["teacher"]
+  assert set(row) == {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"}
+  assert all(0 <= v <= 100 for k, v in row.items() if k != "rsum")
+  # Chance RSUM on 200 images x 1000 captions is ~ 16; a trained teacher is far above it.
+  assert row["rsum"] > 100
+  assert "teacher" in r.stdout and "rsum" in r.stdout  # The printed table.
+  recs = [json.loads(x) for x in (w / "teacher" / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in recs] == list(range(1, 121))
+  for k in ("step", "training_loss", "lr", "examples_per_sec", "loss/infonce", "l2_grads"):
+    assert k in recs[-1]
+  assert recs[-1]["training_loss"] < recs[0]["training_loss"]
+  assert "ETA" in r.stderr and "ex/s" in r.stderr
+
+
+def test_finished_stage_is_skipped(uninterrupted):
+  w, _ = uninterrupted
+  before = (w / "teacher" / "done.json").stat().st_mtime
+  r = run_main(w, *STEPS)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert "already finished" in r.stderr
+  assert (w / "teacher" / "done.json").stat().st_mtime == before
+
+
+def test_sigkill_then_rerun_resumes_exactly(uninterrupted, tmp_path):
+  full, _ = uninterrupted
+  w = tmp_path / "killed"
+  proc = subprocess.Popen(main_cmd(w, *STEPS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  ck = w / "teacher" / "checkpoints"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (ck / "60").exists() and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (w / "teacher" / "done.json").exists(), "the run finished before it could be killed"
+  r = run_main(w, *STEPS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumes from step" in r.stderr
+  step_a, pa = final_params(full)
+  step_b, pb = final_params(w)
+  assert step_a == step_b == 120
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Same data order: every step's loss is the same, before and after the kill.
+  assert losses_by_step(full) == losses_by_step(w)
+
+
+def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, tiny_data):
+  del tiny_data
+  w = tmp_path / "nan"
+  r = run_main(w, "--config.teacher.steps=40", "--config.ckpt_every=1",
+               "--config.teacher.optim.lr=1e30", "--config.teacher.optim.warmup_steps=10",
+               "--config.teacher.optim.clip_norm=1e30")
+  assert r.returncode == 1, r.stderr[-2000:]
+  assert "at step" in r.stderr and "stopping" in r.stderr
+  assert "Traceback" not in r.stderr
+  step, params = final_params(w)
+  assert step >= 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert not (w / "teacher" / "done.json").exists()
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+  from mcad_jax import checkpoint
+
+  mesh_state = {"w": np.arange(6.0), "step": np.int32(0)}
+  ck = checkpoint.Checkpointer(str(tmp_path / "ck"), keep=3, async_save=False)
+  ck.save(1, {"w": np.arange(6.0), "step": np.int32(1)}, {"iter": {"next_index": 1}})
+  ck.save(2, {"w": np.arange(6.0) * 2, "step": np.int32(2)}, {"iter": {"next_index": 2}})
+  ck.wait()
+  # Truncate every data file of the newest checkpoint.
+  for dirpath, _, files in os.walk(tmp_path / "ck" / "2"):
+    for name in files:
+      with open(os.path.join(dirpath, name), "r+b") as f:
+        f.truncate(3)
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
+                          mesh_state)
+  with caplog.at_level("WARNING"):
+    step, state, data = ck.restore_latest(abstract)
+  assert step == 1 and data == {"iter": {"next_index": 1}}
+  np.testing.assert_array_equal(state["w"], np.arange(6.0))
+  assert "unreadable" in caplog.text
+  assert any(p.name.startswith("corrupt-2") for p in (tmp_path / "ck").iterdir())  # Kept aside.
+  # Training can go on and save step 2 again.
+  ck.save(2, {"w": np.zeros(6), "step": np.int32(2)}, {"iter": {}})
+  ck.close()
