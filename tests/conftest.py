@@ -27,6 +27,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: long-running; only with --runslow")
+  config.addinivalue_line("markers", "multiprocess: starts several JAX processes")
 
 
 def pytest_collection_modifyitems(config, items):

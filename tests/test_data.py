@@ -113,3 +113,19 @@ def test_resize_crop():
   assert resize_crop(img, 16, None).shape == (16, 16, 3)
   assert resize_crop(img, 16, np.random.default_rng(0)).shape == (16, 16, 3)
   assert resize_crop(img[..., 0], 16, None).shape == (16, 16, 3)
+
+
+def test_processes_split_each_global_batch(tiny_data):
+  """Two processes' local batches hold exactly the rows of the 1-process global batch."""
+  from mcad_jax.data import pipeline
+
+  tok = Tokenizer(tiny_data.text_len)
+  whole = pipeline.train_iterator(tiny_data, tok, 8, seed=5, process=(0, 1))
+  parts = [pipeline.train_iterator(tiny_data, tok, 8, seed=5, process=(i, 2)) for i in range(2)]
+  for _ in range(3):
+    g = next(whole)
+    local = [next(it) for it in parts]
+    assert local[0]["text"].shape[0] == 4
+    key = lambda b: sorted(zip(b["text"].tolist(), b["image"].reshape(len(b["image"]), -1).sum(1),
+                               strict=True))
+    assert key(g) == sorted(key(local[0]) + key(local[1]))

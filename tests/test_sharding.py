@@ -84,12 +84,12 @@ def test_grad_accumulation_runs_on_micro_batches():
   config = shapes.get_config("smoke")
   config.teacher.accum_steps = 2
   batch = _batch(config)
-  l, _, _ = _first_step(config, sharding.make_mesh(config.mesh), batch)
+  loss, _, _ = _first_step(config, sharding.make_mesh(config.mesh), batch)
   config.teacher.accum_steps = 1
   l_full, _, _ = _first_step(config, sharding.make_mesh(config.mesh), batch)
-  assert np.isfinite(l)
+  assert np.isfinite(loss)
   # Half-size contrastive batches have fewer negatives: a lower loss than the full batch.
-  assert l < l_full
+  assert loss < l_full
 
 
 def test_coco_teacher_state_is_sharded_8_ways():

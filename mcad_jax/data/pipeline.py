@@ -139,26 +139,34 @@ class TrainPreprocess:
     return {"image": image.astype(np.uint8), "text": self.tok.encode(cap)}
 
 
-def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int):
-  """grain IterDataset of this process's share of each global training batch."""
+def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
+                  process: tuple[int, int] | None = None):
+  """grain IterDataset of this process's share of each global training batch.
+
+  Args:
+    process: (index, count); defaults to this JAX process.
+  """
   import grain
   import jax
 
-  n_proc, p = jax.process_count(), jax.process_index()
+  p, n_proc = process or (jax.process_index(), jax.process_count())
   if global_batch % n_proc:
     raise ValueError(f"batch size {global_batch} does not split over {n_proc} processes")
   src = data_source(data_cfg, data_cfg.train_split)
   ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
-  ds = ds[p::n_proc]
+  # Random choices are seeded by the global stream index, so they are the same
+  # whichever process reads an element: map first, then stride.
   ds = ds.random_map(TrainPreprocess(data_cfg, tokenizer))
+  ds = ds[p::n_proc]
   ds = ds.batch(global_batch // n_proc, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
                                               prefetch_buffer_size=data_cfg.prefetch))
 
 
-def train_iterator(data_cfg, tokenizer, global_batch, seed, state: dict | None = None) -> Iterator:
+def train_iterator(data_cfg, tokenizer, global_batch, seed, state: dict | None = None,
+                   process: tuple[int, int] | None = None) -> Iterator:
   """A checkpointable iterator (`get_state()`/`set_state()`) of local batches."""
-  it = iter(train_dataset(data_cfg, tokenizer, global_batch, seed))
+  it = iter(train_dataset(data_cfg, tokenizer, global_batch, seed, process))
   if state is not None:
     it.set_state(state)
   return it
