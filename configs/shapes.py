@@ -16,8 +16,9 @@ def get_config(arg: str = ""):
   if variant == "demo":
     c.data.tfds_name = "shapes/default"
     c.data.image_size, c.data.text_len = 64, 24
-    c.teacher = cl.stage_config(cl.model_config("nano/8", "nano", 128),
-                                steps=2000, batch_size=128, lr=1e-3, warmup_steps=100)
+    # 16 px patches on a 4x4 object grid: one object per patch at most.
+    c.teacher = cl.stage_config(cl.model_config("nano/16", "mu", 128),
+                                steps=1500, batch_size=128, lr=1e-3, warmup_steps=100)
     c.log_every, c.ckpt_every = 50, 250
   elif variant == "smoke":
     c.data.tfds_name = "shapes/tiny"

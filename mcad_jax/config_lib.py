@@ -121,8 +121,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(s.accum_steps > 0 and s.batch_size % s.accum_steps == 0, f"{name}.accum_steps",
           f"must be > 0 and divide batch_size {s.batch_size}, got {s.accum_steps}")
     _need(s.optim.lr > 0, f"{name}.optim.lr", f"must be > 0, got {s.optim.lr}")
-    _need(0 <= s.optim.warmup_steps <= s.steps, f"{name}.optim.warmup_steps",
-          f"must be in [0, steps={s.steps}], got {s.optim.warmup_steps}")
+    _need(0 <= s.optim.warmup_steps < s.steps, f"{name}.optim.warmup_steps",
+          f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
     m = s.model
     for key in ("image", "text"):
       try:

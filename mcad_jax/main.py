@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS imports TF; keep its C++ logs quiet.
+
 from absl import app, flags
 from ml_collections import config_flags
 

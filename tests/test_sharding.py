@@ -101,3 +101,15 @@ def test_coco_teacher_state_is_sharded_8_ways():
   b8 = train.state_bytes_per_device(config, "teacher", eight)
   assert b1 > 1e9  # ViT-B/16 + B text: > 100M params x (param + 2 moments) x 4 bytes.
   assert b8 <= b1 / 6, (b1, b8)
+
+
+def test_bf16_compute_tracks_f32():
+  config = shapes.get_config("smoke")
+  batch = _batch(config)
+  mesh = sharding.make_mesh(config.mesh)
+  l32, _, _ = _first_step(config, mesh, batch)
+  config.teacher.model.dtype = "bfloat16"
+  l16, _, p16 = _first_step(config, mesh, batch)
+  assert abs(l16 - l32) < 0.05 * l32
+  # Params stay float32; only compute is bf16.
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(p16))

@@ -73,7 +73,7 @@ def ensure_prepared(data_cfg) -> None:
   tfds = _tfds()
 
   def prepare():
-    builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir,
+    builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None,
                            file_format="array_record")
     if not builder.is_prepared():
       log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
@@ -89,7 +89,7 @@ def ensure_prepared(data_cfg) -> None:
 
 def data_source(data_cfg, split: str):
   ensure_prepared(data_cfg)
-  return _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir)
+  return _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir or None)
 
 
 def _get(ex: dict, path: str):

@@ -1,0 +1,154 @@
+"""Train-step throughput, an MFU ratio on this machine, and state memory vs mesh size.
+
+  python benchmarks/train_step.py [--config=configs/shapes.py] [--steps=30] [--write]
+
+Measured in one run:
+- examples/s of the jitted, donated train step on one device, on a fixed
+  synthetic batch (the input pipeline is not timed);
+- achieved FLOP/s (XLA's cost analysis of the step / wall time) divided by the
+  FLOP/s of a large f32 matmul timed in the same run: an MFU ratio for this CPU;
+- per-device params + optimizer bytes of the sharded init, from
+  `compiled.memory_analysis()`, on meshes of 1, 2, 4 and 8 (fake CPU) devices,
+  for the config's teacher and for configs/coco.py's ViT-B/16 teacher (compiled,
+  never run).
+
+With --write the table replaces the section between the markers in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import importlib.util  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mcad_jax import sharding, train  # noqa: E402
+
+BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
+
+
+def load_config(spec: str):
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("cfg", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
+  """Best-of-reps FLOP/s of an n x n x n f32 matmul on device 0."""
+  a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def step_throughput(config, name: str, steps: int) -> dict:
+  scfg = config[name]
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  _, model = train.build_model(config, scfg)
+  tx, sched = train.make_optimizer(scfg)
+  init, shard, _ = train.abstract_state(config, scfg, mesh)
+  state = jax.jit(init, out_shardings=shard)(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  b, s, L = scfg.batch_size, config.data.image_size, config.data.text_len
+  text = rng.integers(1000, 3000, (b, L)).astype(np.int32)
+  text[:, 0] = 101
+  batch = {"image": rng.integers(0, 255, (b, s, s, 3)).astype(np.uint8), "text": text}
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  fn = jax.jit(lambda st, bt: train.train_step(st, bt, loss_fn=train.make_loss_fn(model, scfg), tx=tx,
+                                               schedule=sched, accum=scfg.accum_steps),
+               in_shardings=(shard, sharding.batch_sharding(mesh)),
+               out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
+  compiled = fn.lower(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0))
+  for _ in range(3):  # Warm-up.
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  t = time.perf_counter()
+  for _ in range(steps):
+    state, m = compiled(state, batch)
+  jax.block_until_ready(m)
+  dt = (time.perf_counter() - t) / steps
+  return {"batch": b, "step_s": dt, "examples_per_s": b / dt, "flops_per_step": flops,
+          "achieved_flops": flops / dt}
+
+
+def memory_by_mesh(config, name: str) -> dict[int, int]:
+  out = {}
+  for n in (1, 2, 4, 8):
+    mesh = sharding.make_mesh((("data", 1), ("fsdp", -1)), jax.devices()[:n])
+    out[n] = train.state_bytes_per_device(config, name, mesh)
+  return out
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--config", default="configs/shapes.py")
+  ap.add_argument("--stage", default="teacher")
+  ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+  args = ap.parse_args()
+
+  config = load_config(args.config)
+  peak = matmul_flops_per_sec()
+  thr = step_throughput(config, args.stage, args.steps)
+  mem = {args.config: memory_by_mesh(config, args.stage),
+         "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
+
+  lines = [
+      BEGIN,
+      f"Measured by `python benchmarks/train_step.py --config={args.config} --steps={args.steps}"
+      f" --write` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+      f"jax {jax.__version__}, 1 CPU device for throughput.",
+      "",
+      "| config | stage | batch | step (ms) | examples/s | GFLOP/step | achieved GFLOP/s "
+      "| matmul GFLOP/s | MFU ratio |",
+      "|---|---|---|---|---|---|---|---|---|",
+      f"| {args.config} | {args.stage} | {thr['batch']} | {1e3 * thr['step_s']:.1f} "
+      f"| {thr['examples_per_s']:,.0f} | {thr['flops_per_step'] / 1e9:.2f} "
+      f"| {thr['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
+      f"| {thr['achieved_flops'] / peak:.3f} |",
+      "",
+      "Per-device params + optimizer bytes (`compiled.memory_analysis()` of the sharded init, "
+      "FSDP over all devices):",
+      "",
+      "| config (teacher) | 1 device | 2 devices | 4 devices | 8 devices | 8 / 1 |",
+      "|---|---|---|---|---|---|",
+  ]
+  for cfg_name, m in mem.items():
+    lines.append(f"| {cfg_name} | " + " | ".join(f"{m[n] / 2**20:,.1f} MiB" for n in (1, 2, 4, 8))
+                 + f" | {m[8] / m[1]:.3f} |")
+  lines.append(END)
+  table = "\n".join(lines)
+  print(table)
+  if args.write:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if BEGIN in text:
+      text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+      text = text.rstrip() + "\n\n## Train step\n\n" + table + "\n"
+    with open(path, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()
