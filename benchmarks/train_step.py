@@ -117,7 +117,7 @@ def main():
       BEGIN,
       f"Measured by `python benchmarks/train_step.py --config={args.config} --steps={args.steps}"
       f" --write` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-      f"jax {jax.__version__}, 1 CPU device for throughput.",
+      f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} fake CPU devices.",
       "",
       "| config | stage | batch | step (ms) | examples/s | GFLOP/step | achieved GFLOP/s "
       "| matmul GFLOP/s | MFU ratio |",
