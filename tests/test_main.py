@@ -140,7 +140,7 @@ def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, tiny_data)
   assert not (w / "teacher" / "done.json").exists()
 
 
-def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
+def test_corrupt_or_partial_latest_checkpoint_falls_back(tmp_path, caplog):
   from mcad_jax import checkpoint
 
   mesh_state = {"w": np.arange(6.0), "step": np.int32(0)}
@@ -153,6 +153,10 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, caplog):
     for name in files:
       with open(os.path.join(dirpath, name), "r+b") as f:
         f.truncate(3)
+  # A save cut off by a kill leaves only orbax's temporary directory: it must be ignored.
+  partial = tmp_path / "ck" / "3.orbax-checkpoint-tmp-1234"
+  partial.mkdir()
+  (partial / "junk").write_bytes(b"\x00")
   abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype),
                           mesh_state)
   with caplog.at_level("WARNING"):
