@@ -1,9 +1,16 @@
 """Shapes: the built-in synthetic benchmark, whole pipeline on a laptop CPU.
 
-Variants:
-  python -m mcad_jax.main --config=configs/shapes.py --workdir=workdirs/shapes        # demo
-  python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke   # < 3 min
+Stages: teacher (dual-stream) -> fusion_teacher (single-stream, on the frozen
+teacher towers) -> distill (the MCAD student).
+
+  python -m mcad_jax.main --config=configs/shapes.py --workdir=workdirs/demo        # demo
+  python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke # < 3 min
+
+Variants: `demo` (default) and `smoke`. Any recipe:
+  --config.distill.recipe=conaclip   (student_only, clip_kd, tinyclip, conaclip, mcad)
 """
+
+import copy
 
 from mcad_jax import config_lib as cl
 
@@ -12,20 +19,33 @@ def get_config(arg: str = ""):
   variant = arg or "demo"
   c = cl.base_config()
   c.name = f"shapes:{variant}"
-  c.stages = ("teacher",)
+  c.stages = ("teacher", "fusion_teacher", "distill")
+  c.data.hard_negatives = True  # Relation/attribute twins of training captions, for the fusion ITM.
   if variant == "demo":
     c.data.tfds_name = "shapes/default"
     c.data.image_size, c.data.text_len = 64, 24
     # 16 px patches on a 4x4 object grid: one object per patch at most.
-    c.teacher = cl.stage_config(cl.model_config("nano/16", "mu", 128),
-                                steps=1500, batch_size=128, lr=1e-3, warmup_steps=100)
+    teacher = cl.model_config("nano/16", "mu", 128)
+    student = cl.model_config("mu/16", "mu", 64)
+    steps = dict(teacher=1500, fusion=600, student=1500)
+    batch, lr = 128, 1e-3
     c.log_every, c.ckpt_every = 50, 250
   elif variant == "smoke":
     c.data.tfds_name = "shapes/tiny"
     c.data.image_size, c.data.text_len = 32, 16
-    c.teacher = cl.stage_config(cl.model_config("mu/8", "mu", 64),
-                                steps=60, batch_size=64, lr=2e-3, warmup_steps=10)
+    teacher = cl.model_config("mu/8", "mu", 64)
+    student = cl.model_config("mu/16", "mu", 32, image_kw={"depth": 1})
+    steps = dict(teacher=60, fusion=30, student=60)
+    batch, lr = 64, 2e-3
     c.log_every, c.ckpt_every = 10, 30
   else:
     raise ValueError(f"unknown shapes variant {variant!r}; use '', 'demo' or 'smoke'")
+  warm = lambda n: max(1, n // 15)
+  c.teacher = cl.stage_config(teacher, steps=steps["teacher"], batch_size=batch, lr=lr,
+                              warmup_steps=warm(steps["teacher"]))
+  c.fusion_teacher = cl.fusion_stage_config(
+      copy.deepcopy(teacher), towers_from="teacher", steps=steps["fusion"], batch_size=batch,
+      lr=lr, warmup_steps=warm(steps["fusion"]))
+  c.distill = cl.distill_stage_config(student, recipe="mcad", steps=steps["student"],
+                                      batch_size=batch, lr=lr, warmup_steps=warm(steps["student"]))
   return c

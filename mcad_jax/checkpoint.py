@@ -79,19 +79,21 @@ class Checkpointer:
     self.manager.close()
 
 
-def load_params(directory: str, abstract_params=None):
+def load_params(directory: str, abstract_params):
   """Params of the newest checkpoint in `directory` (e.g. a finished teacher stage).
 
-  Args:
-    directory: a stage's checkpoint directory.
-    abstract_params: optional sharded ShapeDtypeStructs to restore into.
+  Reads only the params (not the optimizer state), straight into the layout of
+  `abstract_params` (sharded `jax.ShapeDtypeStruct`s).
   """
   ckpt = Checkpointer(directory, async_save=False)
   steps = ckpt.steps()
+  ckpt.close()
   if not steps:
     raise FileNotFoundError(f"no checkpoint found in {directory}")
-  item = {"params": abstract_params} if abstract_params is not None else None
-  out = ckpt.manager.restore(steps[-1], args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(item, strict=False) if item else ocp.args.StandardRestore()))
-  ckpt.close()
-  return out["state"]["params"]
+  item = {"params": abstract_params}
+  path = os.path.join(ckpt.directory, str(steps[-1]), "state")
+  with ocp.PyTreeCheckpointer() as pc:
+    out = pc.restore(path, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  return out["params"]

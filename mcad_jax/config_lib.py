@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
-STAGE_KINDS = ("dual",)
+STAGE_KINDS = ("dual", "fusion", "distill")
+REPORT_ROWS = ("teacher", "fusion_teacher", "student")
 LOSSES = ("infonce", "sigmoid")
 DTYPES = ("float32", "bfloat16")
 POOLS = ("gap", "tok")
@@ -58,7 +59,52 @@ def stage_config(model: ml_collections.ConfigDict, *, steps: int, batch_size: in
   c.freeze = ()
   # Start from these params instead of random init: a checkpoint directory.
   c.init_from = ""
+  # Do not train: evaluate (and hand on to later stages) these weights instead.
+  c.weights = ""
+  # The results.json row this stage's evaluation fills.
+  c.report_as = "teacher"
   c.update(kw)
+  return c
+
+
+def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, **kw):
+  """The single-stream teacher: fusion layers on (by default frozen) dual towers."""
+  c = stage_config(model, **kw)
+  c.kind = "fusion"
+  c.report_as = "fusion_teacher"
+  c.fusion = ml_collections.ConfigDict(dict(
+      size="nano",           # width/heads/mlp preset of the fusion layers
+      depth=2,               # number of fusion layers (0 = the preset's)
+      towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
+      freeze_towers=True,
+      itc_weight=1.0,        # InfoNCE on the towers when they are trained
+      twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
+      rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM
+  ))
+  return c
+
+
+def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mcad",
+                         teacher: str = "teacher", fusion_teacher: str = "fusion_teacher", **kw):
+  """A student distilled from frozen teachers by `recipe` (see mcad_jax/distill.py)."""
+  c = stage_config(model, **kw)
+  c.kind = "distill"
+  c.report_as = "student"
+  c.recipe = recipe
+  c.edges = ()              # (edge, kind, weight) rows; empty = the recipe's defaults
+  c.teachers = ml_collections.ConfigDict(dict(dual=teacher, fusion=fusion_teacher))
+  c.kl_temperature = 0.0    # 0 = the dual teacher's learned temperature
+  c.cache = False           # read teacher outputs from the per-example cache
+  c.mcad = ml_collections.ConfigDict(dict(
+      mode="matched",       # 'matched': fuse f_ii into v_i, t_i; 'all_pairs': + b * ITM_ij on top-k
+      combine="add",        # 'add' | 'concat' | 'gate'
+      alpha=1.0,            # weight a of the fused term
+      proj="learned",       # 'learned' | 'fixed' (random, never trained) P_v, P_t
+      proj_contrastive=1.0,  # InfoNCE on (v', t') that keeps learned projections discriminative
+      itm_weight=1.0,       # b in all_pairs mode
+      topk=8,               # pairs per row that get the ITM term in all_pairs mode
+  ))
+  c.conaclip = ml_collections.ConfigDict(dict(schedule="joint"))  # or 'two_stage'
   return c
 
 
@@ -75,6 +121,7 @@ def base_config() -> ml_collections.ConfigDict:
       train_split="train",
       test_split="test",
       augment=False,         # Random crops; off for shapes, where position is meaning.
+      hard_negatives=False,  # Also emit relation/attribute twins of training captions (shapes).
       num_threads=2,
       prefetch=4,
       eval_limit=0,          # 0 = the whole test split.
@@ -115,6 +162,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(name in config, "stages", f"stage {name!r} has no config section")
     s = config[name]
     _need(s.kind in STAGE_KINDS, f"{name}.kind", f"unknown kind {s.kind!r}; known {STAGE_KINDS}")
+    _need(s.report_as in REPORT_ROWS, f"{name}.report_as",
+          f"unknown row {s.report_as!r}; known {REPORT_ROWS}")
+    if s.weights:
+      import os
+
+      _need(os.path.isdir(s.weights), f"{name}.weights", f"no checkpoint directory {s.weights!r}")
+    if s.kind == "fusion":
+      _validate_fusion(config, name, s)
+    if s.kind == "distill":
+      _validate_distill(config, name, s)
     _need(s.loss in LOSSES, f"{name}.loss", f"unknown loss {s.loss!r}; known {LOSSES}")
     _need(s.steps > 0, f"{name}.steps", f"must be > 0, got {s.steps}")
     _need(s.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {s.batch_size}")
@@ -136,3 +193,61 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
     _need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
     _need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
+
+
+def _stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:
+  """A reference to another stage section (its architecture), run earlier or given `weights`.
+
+  To start from outside weights, set `<ref>.weights` to their checkpoint directory.
+  """
+  _need(ref in config and hasattr(config[ref], "kind"), key,
+        f"{ref!r} is not a stage section of this config (outside weights go in <stage>.weights)")
+  _need(config[ref].kind == kind, key, f"{ref!r} is a {config[ref].kind!r} stage, need {kind!r}")
+  _need(ref in config.stages[: config.stages.index(name)] or bool(config[ref].weights), key,
+        f"stage {ref!r} must run before {name!r} or have weights")
+
+
+def _validate_fusion(config, name, s) -> None:
+  f = s.fusion
+  from mcad_jax.models import two_tower
+
+  try:
+    two_tower.size_kwargs(f.size)
+  except ValueError as e:
+    raise ConfigError(f"{name}.fusion.size", str(e)) from None
+  _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
+  _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
+  if f.towers_from:
+    _stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
+    _need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",
+          f"must equal {f.towers_from}.model, whose towers it reuses")
+  else:
+    _need(not f.freeze_towers, f"{name}.fusion.freeze_towers",
+          "frozen towers need fusion.towers_from (else they stay random)")
+
+
+def _validate_distill(config, name, s) -> None:
+  from mcad_jax import distill
+
+  _need(s.recipe in distill.RECIPES, f"{name}.recipe",
+        f"unknown recipe {s.recipe!r}; known {distill.RECIPES}")
+  try:
+    distill.edge_table(s)
+  except ValueError as e:
+    raise ConfigError(f"{name}.edges", str(e)) from None
+  m = s.mcad
+  _need(m.mode in ("matched", "all_pairs"), f"{name}.mcad.mode", f"unknown mode {m.mode!r}")
+  _need(m.combine in ("add", "concat", "gate"), f"{name}.mcad.combine", f"unknown {m.combine!r}")
+  _need(m.proj in ("learned", "fixed"), f"{name}.mcad.proj", f"unknown proj {m.proj!r}")
+  _need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
+  _need(s.conaclip.schedule in ("joint", "two_stage"), f"{name}.conaclip.schedule",
+        f"unknown schedule {s.conaclip.schedule!r}")
+  _need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")
+  if distill.uses_teacher(s):
+    _stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
+  if distill.needs_fusion(s):
+    _stage_ref(config, name, f"{name}.teachers.fusion", s.teachers.fusion, "fusion")
+  if s.cache:
+    _need(not config.data.augment, f"{name}.cache", "the teacher cache needs data.augment=False")
+    _need(not (s.recipe == "mcad" and m.mode == "all_pairs"), f"{name}.cache",
+          "MCAD all_pairs mode needs ITM over all pairs: online teachers only")

@@ -12,6 +12,7 @@ and ranking also run on device, a block of images at a time.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -26,11 +27,12 @@ KS = (1, 5, 10)
 EncodeFn = Callable[[dict, jax.Array], jax.Array]
 
 
-def embed_all(encode: EncodeFn, params, data: np.ndarray, batch_size: int, mesh: Mesh) -> jax.Array:
+def embed_all(encode: EncodeFn, params, data: np.ndarray, batch_size: int, mesh: Mesh):
   """Encodes `data` (identical on every process) in fixed-size sharded batches.
 
   The last batch is padded so every call has the same shape (one compile).
-  Returns a replicated [len(data), E] array.
+  Returns the encoder's output (an array or a tuple of arrays) for all rows,
+  replicated.
   """
   n = len(data)
   batch_size = max(mesh.size, batch_size - batch_size % mesh.size)
@@ -43,7 +45,7 @@ def embed_all(encode: EncodeFn, params, data: np.ndarray, batch_size: int, mesh:
     chunk = data[s:s + batch_size]
     x = jax.make_array_from_callback(chunk.shape, in_sh, lambda idx, c=chunk: c[idx])
     outs.append(fn(params, x))
-  return jnp.concatenate(outs)[:n]
+  return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
 
 
 @jax.jit
@@ -87,12 +89,7 @@ def recall_metrics(zimg, ztxt, block: int = 1024) -> dict[str, float]:
                      f"{ztxt.shape[0]} captions")
   i2t = _blocked(_i2t_ranks, zimg, ztxt, block)
   t2i = _blocked(_t2i_ranks, ztxt, zimg, block * NUM_EVAL_CAPTIONS)
-  out = {}
-  for name, ranks in (("i2t", i2t), ("t2i", t2i)):
-    for k in KS:
-      out[f"{name}_r{k}"] = float(100.0 * np.mean(ranks < k))
-  out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS))
-  return out
+  return _summarise(i2t, t2i)
 
 
 def hard_negative_metrics(zimg, encode_text: Callable[[np.ndarray], jax.Array],
@@ -121,3 +118,78 @@ def evaluate_dual(encode_image: EncodeFn, encode_text: EncodeFn, params, data: E
     metrics.update(hard_negative_metrics(
         zimg, lambda ids: embed_all(encode_text, params, ids, batch_size, mesh), data.hard))
   return metrics, zimg, ztxt
+
+
+def batched_pairs(pair_fn, params, itok, ttok, tmask, img_idx, txt_idx, batch_size: int,
+                  mesh: Mesh | None = None) -> np.ndarray:
+  """pair_fn(params, itok[i], ttok[j], tmask[j]) for each (i, j) of the index lists."""
+  img_idx, txt_idx = np.asarray(img_idx, np.int32), np.asarray(txt_idx, np.int32)
+  n = len(img_idx)
+  pad = (-n) % batch_size
+  img_idx = np.concatenate([img_idx, np.zeros(pad, np.int32)])
+  txt_idx = np.concatenate([txt_idx, np.zeros(pad, np.int32)])
+  fn = _pair_scorer(pair_fn)
+  out = [np.asarray(fn(params, itok, ttok, tmask, img_idx[s:s + batch_size], txt_idx[s:s + batch_size]))
+         for s in range(0, len(img_idx), batch_size)]
+  return np.concatenate(out)[:n]
+
+
+_SCORERS: dict = {}
+
+
+def _pair_scorer(pair_fn):
+  if pair_fn not in _SCORERS:
+    _SCORERS[pair_fn] = jax.jit(
+        lambda p, it, tt, tm, ii, jj: pair_fn(p, jnp.take(it, ii, axis=0), jnp.take(tt, jj, axis=0),
+                                              jnp.take(tm, jj, axis=0)))
+  return _SCORERS[pair_fn]
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _topk(q, keys, k):
+  return jax.lax.top_k(q @ keys.T, k)[1]
+
+
+def _candidates(queries, keys, k, block=1024):
+  return np.concatenate([np.asarray(_topk(queries[s:s + block], keys, k))
+                         for s in range(0, queries.shape[0], block)])
+
+
+def rerank_metrics(zimg, ztxt, score, k: int) -> dict[str, float]:
+  """R@K after re-ranking each query's top-k dual candidates by `score`.
+
+  Args:
+    zimg, ztxt: dual embeddings ([N, E] and [5N, E]) that propose candidates.
+    score: (img_idx, txt_idx) -> match scores for those pairs.
+    k: candidates per query. A query whose true match is not among them keeps
+      its dual rank (>= k).
+  """
+  n = zimg.shape[0]
+  dual_i2t = _blocked(_i2t_ranks, zimg, ztxt, 1024)
+  dual_t2i = _blocked(_t2i_ranks, ztxt, zimg, 1024 * NUM_EVAL_CAPTIONS)
+  # image -> text
+  cand = _candidates(zimg, ztxt, k)                               # [N, k] caption ids
+  rows = np.repeat(np.arange(n), k)
+  sc = score(rows, cand.reshape(-1)).reshape(n, k)
+  own = (cand // NUM_EVAL_CAPTIONS) == np.arange(n)[:, None]
+  best = np.where(own, sc, -np.inf).max(axis=1, keepdims=True)
+  rr = np.sum((sc >= best) & ~own, axis=1)
+  i2t = np.where(own.any(axis=1), rr, np.maximum(dual_i2t, k))
+  # text -> image
+  cand = _candidates(ztxt, zimg, k)                               # [5N, k] image ids
+  rows = np.repeat(np.arange(NUM_EVAL_CAPTIONS * n), k)
+  sc = score(cand.reshape(-1), rows).reshape(-1, k)
+  own = cand == (np.arange(NUM_EVAL_CAPTIONS * n) // NUM_EVAL_CAPTIONS)[:, None]
+  true = np.where(own, sc, -np.inf).max(axis=1, keepdims=True)
+  rr = np.sum((sc >= true) & ~own, axis=1)
+  t2i = np.where(own.any(axis=1), rr, np.maximum(dual_t2i, k))
+  return _summarise(i2t, t2i)
+
+
+def _summarise(i2t, t2i) -> dict[str, float]:
+  out = {}
+  for name, ranks in (("i2t", i2t), ("t2i", t2i)):
+    for k in KS:
+      out[f"{name}_r{k}"] = float(100.0 * np.mean(ranks < k))
+  out["rsum"] = float(sum(out[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in KS))
+  return out

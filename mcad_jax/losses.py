@@ -43,3 +43,45 @@ def contrastive(kind: str, zimg, ztxt, scale, bias) -> jax.Array:
   if kind == "sigmoid":
     return sigmoid(zimg, ztxt, scale, bias)
   raise ValueError(f"unknown contrastive loss {kind!r}")
+
+
+def kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+  """Mean over rows of KL(softmax(teacher) || softmax(student))."""
+  lt = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
+  ls = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+  return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1))
+
+
+def kl_sim(sim_student: jax.Array, sim_teacher: jax.Array, temperature: float) -> jax.Array:
+  """Distribution distillation on a similarity matrix, both directions, tau^2-scaled.
+
+  0.5 * tau^2 * [KL over rows (i->t) + KL over columns (t->i)] of softmax(sim / tau).
+  """
+  s, t = sim_student / temperature, sim_teacher / temperature
+  return 0.5 * temperature**2 * (kl_rows(t, s) + kl_rows(t.T, s.T))
+
+
+def feature_l2(a: jax.Array, b: jax.Array) -> jax.Array:
+  """Mean over rows of the squared L2 distance between paired features."""
+  return jnp.mean(jnp.sum(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)), axis=-1))
+
+
+def sim_l2(sim_student: jax.Array, sim_teacher: jax.Array) -> jax.Array:
+  """Similarity-matrix distance (SD): mean squared difference of all entries."""
+  return jnp.mean(jnp.square(sim_student - sim_teacher))
+
+
+def itm_bce(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Binary cross-entropy of match logits; `weights` (0/1) masks invalid pairs."""
+  labels = labels.astype(jnp.float32)
+  per = -(labels * jax.nn.log_sigmoid(logits) + (1 - labels) * jax.nn.log_sigmoid(-logits))
+  if weights is None:
+    return jnp.mean(per)
+  weights = weights.astype(jnp.float32)
+  return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def sample_hard_negatives(sim: jax.Array, rng: jax.Array) -> jax.Array:
+  """For each row, an off-diagonal column drawn with probability softmax(sim row) (ALBEF)."""
+  masked = jnp.where(jnp.eye(sim.shape[0], dtype=bool), -1e9, sim.astype(jnp.float32))
+  return jax.random.categorical(rng, masked, axis=-1)

@@ -1,10 +1,12 @@
-"""The one train loop. Every stage (teacher, student, ...) runs through `train_stage`.
+"""The one train loop. Every stage (teacher, fusion teacher, student) runs through `train_stage`.
 
-Read it top to bottom: mesh (given) -> data -> model and optimizer -> shapes by
-`jax.eval_shape` -> shardings from those shapes -> `jax.jit(init,
-out_shardings=...)` or restore -> donated update step -> loop with log /
-checkpoint -> evaluation. What differs between stages is the loss function,
-picked by config (see `make_loss_fn`), never a fork of this loop.
+Read it top to bottom: mesh (given) -> stage (loss, init, frozen teachers) ->
+data -> optimizer -> shapes by `jax.eval_shape` -> shardings from those shapes
+-> `jax.jit(init, out_shardings=...)` or restore -> donated update step -> loop
+with log / checkpoint -> evaluation. What differs between stages comes from
+`stages.build` (config switches and loss functions), never from a fork of this
+loop. Frozen teachers enter the step as an argument: never optimized, never in
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -21,10 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcad_jax import checkpoint, evaluate, losses, metrics, sharding
+from mcad_jax import checkpoint, metrics, sharding, stages
 from mcad_jax.data import pipeline
-from mcad_jax.data.tokenizer import Tokenizer
-from mcad_jax.models import two_tower
 
 DONE_FILE = "done.json"
 
@@ -54,27 +54,16 @@ def make_optimizer(scfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
       optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
   if scfg.freeze:
     frozen = [re.compile(r) for r in scfg.freeze]
-    labels = lambda params: _path_labels(  # noqa: E731
+    labels = lambda params: _path_labels(
         params, lambda name, _: "frozen" if any(r.search(name) for r in frozen) else "train")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
   return tx, sched
 
 
-# ----------------------------------------------------------------------------- losses
+# ----------------------------------------------------------------------------- step
 
 
-def make_loss_fn(model, scfg):
-  """loss_fn(params, batch) -> (loss, {name: scalar}) for the stage's kind."""
-  if scfg.kind == "dual":
-    def loss_fn(params, batch):
-      zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["text"])
-      loss = losses.contrastive(scfg.loss, zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
-      return loss, {f"loss/{scfg.loss}": loss, "logit_scale": aux["logit_scale"]}
-    return loss_fn
-  raise ValueError(f"unknown stage kind {scfg.kind!r}")
-
-
-def _grads(loss_fn, params, batch, accum: int):
+def _grads(loss_fn, params, batch, rng, frozen, accum: int):
   """(loss, terms, grads), averaged over `accum` micro-batches.
 
   With accumulation, contrastive negatives come from each micro-batch only
@@ -82,26 +71,32 @@ def _grads(loss_fn, params, batch, accum: int):
   """
   vg = jax.value_and_grad(loss_fn, has_aux=True)
   if accum == 1:
-    (loss, terms), grads = vg(params, batch)
+    (loss, terms), grads = vg(params, batch, rng, frozen)
     return loss, terms, grads
   # Micro-batch k takes rows k, k+accum, ...: every device keeps its share of each.
   micro = jax.tree.map(
       lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+  rngs = jax.random.split(rng, accum)
 
-  def body(carry, mb):
-    (loss, terms), grads = vg(params, mb)
+  def body(carry, xs):
+    mb, r = xs
+    (loss, terms), grads = vg(params, mb, r, frozen)
     return jax.tree.map(jnp.add, carry, (loss, terms, grads)), None
 
-  zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(vg, params, jax.tree.map(lambda x: x[0], micro)))
-  (loss, terms), grads = zeros
-  (loss, terms, grads), _ = jax.lax.scan(body, (loss, terms, grads), micro)
+  first = jax.tree.map(lambda x: x[0], micro)
+  (loss, terms), grads = jax.tree.map(jnp.zeros_like,
+                                      jax.eval_shape(vg, params, first, rngs[0], frozen))
+  (loss, terms, grads), _ = jax.lax.scan(body, (loss, terms, grads), (micro, rngs))
   return jax.tree.map(lambda x: x / accum, (loss, terms, grads))
 
 
-def train_step(state, batch, *, loss_fn, tx, schedule, accum):
-  """One optimizer update. `state` is donated by the caller's jit."""
-  loss, terms, grads = _grads(loss_fn, state["params"], batch, accum)
+def train_step(state, batch, frozen, *, loss_fn, tx, schedule, accum, base_rng, update_mask=None):
+  """One optimizer update. `state` is donated by the caller's jit; `frozen` is read only."""
+  rng = jax.random.fold_in(base_rng, state["step"])
+  loss, terms, grads = _grads(loss_fn, state["params"], batch, rng, frozen, accum)
   updates, opt = tx.update(grads, state["opt"], state["params"])
+  if update_mask is not None:
+    updates = jax.tree.map(jnp.multiply, updates, update_mask(state["step"], updates))
   params = optax.apply_updates(state["params"], updates)
   out = {"training_loss": loss, "lr": schedule(state["step"]),
          "l2_grads": optax.tree.norm(grads), "l2_params": optax.tree.norm(params), **terms}
@@ -115,24 +110,12 @@ def stage_rng(seed: int, name: str) -> jax.Array:
   return jax.random.fold_in(jax.random.key(seed), zlib.crc32(name.encode()))
 
 
-def build_model(config, scfg):
-  tok = Tokenizer(config.data.text_len)
-  return tok, two_tower.build(scfg.model, tok.vocab_size, config.data.text_len)
-
-
-def dummy_batch(config, n: int = 1):
-  s, L = config.data.image_size, config.data.text_len
-  return {"image": jnp.zeros((n, s, s, 3), jnp.uint8), "text": jnp.zeros((n, L), jnp.int32)}
-
-
-def abstract_state(config, scfg, mesh):
-  """(init_fn, rng, sharded abstract state) for a stage, with no compute."""
-  _, model = build_model(config, scfg)
+def abstract_state(stage: stages.Stage, scfg, config, mesh):
+  """(init_fn, shardings, sharded abstract state) for a stage, with no compute."""
   tx, _ = make_optimizer(scfg)
-  d = dummy_batch(config)
 
   def init(rng):
-    params = model.init(rng, d["image"], d["text"])["params"]
+    params = stage.init(rng)
     return {"params": params, "opt": tx.init(params), "step": jnp.zeros((), jnp.int32)}
 
   shapes = jax.eval_shape(init, jax.random.key(0))
@@ -159,17 +142,19 @@ def _write_json(path: str, obj) -> None:
   os.replace(tmp, path)  # Atomic: a reader never sees half a file.
 
 
-def encoders(model):
-  enc_img = lambda p, x: model.apply({"params": p}, x, method=model.encode_image)[0]  # noqa: E731
-  enc_txt = lambda p, x: model.apply({"params": p}, x, method=model.encode_text)[0]  # noqa: E731
-  return enc_img, enc_txt
+def _select(batch: dict, keys) -> dict:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise KeyError(f"the input pipeline gives no {missing}; check the data config")
+  return {k: batch[k] for k in keys}
 
 
 def train_stage(config, name: str, workdir: str, mesh) -> dict:
   """Trains stage `name` to completion (resuming if cut off) and evaluates it.
 
-  Returns the stage record: {"seconds", "steps", "retrieval": {...}}. A stage
-  that finished before is not rerun; its record is read back.
+  Returns the stage record: {"seconds", "steps", "params", "retrieval": {row: metrics}}.
+  A stage that finished before is not rerun; its record is read back. A stage
+  with `weights` set is not trained: those weights are evaluated.
   """
   stage_dir = os.path.join(workdir, name)
   done = read_done(stage_dir)
@@ -178,14 +163,19 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
     return done
   os.makedirs(stage_dir, exist_ok=True)
   scfg = config[name]
+  t_start = time.time()
 
-  # Data and model.
-  tok, model = build_model(config, scfg)
-  seed = config.seed + zlib.crc32(name.encode()) % 10_000
+  # What this stage trains, with its frozen teachers loaded.
+  stage = stages.build(config, name, workdir, mesh)
   tx, schedule = make_optimizer(scfg)
-  init, shard, abstract = abstract_state(config, scfg, mesh)
+  init, shard, abstract = abstract_state(stage, scfg, config, mesh)
 
-  # State: restore, else init (optionally from given weights).
+  if scfg.get("weights"):
+    log.info("Stage %s uses given weights %s; not training.", name, scfg.weights)
+    params = checkpoint.load_params(scfg.weights, abstract["params"])
+    return _finish(stage_dir, stage, params, mesh, 0, time.time() - t_start)
+
+  # State: restore, else init (then copy in anything the stage starts from).
   ckpt = checkpoint.Checkpointer(os.path.join(stage_dir, "checkpoints"), keep=config.keep_ckpts)
   restored = ckpt.restore_latest(abstract)
   if restored is not None:
@@ -197,24 +187,33 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
     state = jax.jit(init, out_shardings=shard)(stage_rng(config.seed, name))
     if scfg.init_from:
       state["params"] = checkpoint.load_params(scfg.init_from, abstract["params"])
-  data = pipeline.train_iterator(config.data, tok, scfg.batch_size, seed, data_state)
+    if stage.load_init is not None:
+      state["params"] = stage.load_init(state["params"])
+  seed = config.seed + zlib.crc32(name.encode()) % 10_000
+  data = pipeline.train_iterator(config.data, stages.tokenizer(config), scfg.batch_size, seed,
+                                 data_state)
 
-  # The update step: state donated, batch sharded, metrics replicated.
+  # The update step: state donated, batch sharded, teachers as they were restored.
+  frozen_sh = jax.tree.map(lambda x: x.sharding, stage.frozen)
   step_fn = jax.jit(
-      functools.partial(train_step, loss_fn=make_loss_fn(model, scfg), tx=tx,
-                        schedule=schedule, accum=scfg.accum_steps),
-      in_shardings=(shard, sharding.batch_sharding(mesh)),
+      functools.partial(train_step, loss_fn=stage.loss_fn, tx=tx, schedule=schedule,
+                        accum=scfg.accum_steps, base_rng=stage_rng(config.seed + 1, name),
+                        update_mask=stage.update_mask),
+      in_shardings=(shard, sharding.batch_sharding(mesh), frozen_sh),
       out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
 
   writer = metrics.MetricWriter(os.path.join(stage_dir, "metrics.jsonl"))
   writer.truncate_after(first_step)
   progress = metrics.Progress(name, scfg.steps, first_step, scfg.batch_size)
-  t_start = time.time()
+  t_loop = time.time()
   try:
     pending = None  # (step, loss) of the previous step: checked one step late to keep overlap.
     for step in range(first_step + 1, scfg.steps + 1):
-      batch = sharding.to_global(next(data), mesh)
-      state, m = step_fn(state, batch)
+      batch = next(data)
+      if stage.host_fn is not None:
+        batch = stage.host_fn(batch)
+      batch = sharding.to_global(_select(batch, stage.batch_keys), mesh)
+      state, m = step_fn(state, batch, stage.frozen)
       if pending is not None:
         metrics.check_finite(pending[0], float(pending[1]))
       pending = (step, m["training_loss"])
@@ -230,26 +229,20 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
         metrics.check_finite(step, float(m["training_loss"]))
         metrics.check_finite(step, float(m["l2_params"]))
         ckpt.save(step, state, {"iter": data.get_state(),
-                                "seconds": seconds0 + time.time() - t_start})
+                                "seconds": seconds0 + time.time() - t_loop})
   finally:
     ckpt.close()  # Lets a pending async save of a good state finish.
-  seconds = seconds0 + time.time() - t_start
+  return _finish(stage_dir, stage, state["params"], mesh, scfg.steps,
+                 seconds0 + time.time() - t_loop)
 
-  # Evaluation on the test split.
-  retrieval = evaluate_model(config, model, state["params"], mesh, tok)
-  record = {"seconds": seconds, "steps": scfg.steps,
-            "params": two_tower.param_count(state["params"]), "retrieval": retrieval}
+
+def _finish(stage_dir, stage, params, mesh, steps, seconds) -> dict:
+  from mcad_jax.models.two_tower import param_count
+
+  record = {"seconds": seconds, "steps": steps, "params": param_count(params),
+            "retrieval": stage.evaluate(params, mesh)}
   _write_json(os.path.join(stage_dir, DONE_FILE), record)
   return record
-
-
-def evaluate_model(config, model, params, mesh, tok=None) -> dict:
-  tok = tok or Tokenizer(config.data.text_len)
-  test = pipeline.eval_set(config.data, tok, limit=config.data.eval_limit or None)
-  enc_img, enc_txt = encoders(model)
-  out, _, _ = evaluate.evaluate_dual(enc_img, enc_txt, params, test, mesh,
-                                     batch_size=config.eval_batch_size)
-  return out
 
 
 def run_stages(config, workdir: str, mesh) -> dict:
@@ -258,11 +251,12 @@ def run_stages(config, workdir: str, mesh) -> dict:
   for name in config.stages:
     rec = train_stage(config, name, workdir, mesh)
     results["stages"][name] = {"seconds": rec["seconds"], "steps": rec["steps"]}
-    ret = dict(rec["retrieval"])
-    hn = {k: ret.pop(k) for k in list(ret) if k.startswith("hn_")}
-    results["retrieval"][name] = ret
-    if hn:
-      results["hard_negatives"][name] = hn
+    for row, metrics_ in rec["retrieval"].items():
+      ret = dict(metrics_)
+      hn = {k: ret.pop(k) for k in list(ret) if k.startswith("hn_")}
+      results["retrieval"][row] = ret
+      if hn:
+        results["hard_negatives"][row] = hn
   _write_json(os.path.join(workdir, "results.json"), results)
   return results
 
@@ -280,13 +274,10 @@ def format_table(results: dict) -> str:
   return "\n".join(lines)
 
 
-__all__ = ["train_stage", "run_stages", "format_table", "make_optimizer", "make_loss_fn",
-           "train_step", "abstract_state"]
-
-
 def compiled_init(config, name: str, mesh):
   """The stage's sharded init, compiled but not run (for memory checks)."""
-  init, shard, _ = abstract_state(config, config[name], mesh)
+  stage = stages.build(config, name, "", mesh)
+  init, shard, _ = abstract_state(stage, config[name], config, mesh)
   return jax.jit(init, out_shardings=shard).lower(jax.random.key(0)).compile()
 
 

@@ -122,21 +122,38 @@ def resize_crop(img: np.ndarray, size: int, rng: np.random.Generator | None) -> 
 
 
 class TrainPreprocess:
-  """Random caption choice, tokenization and crop for one training example."""
+  """Random caption choice, tokenization and crop for one training example.
+
+  Besides `image` and `text` it emits `index` (the example's record index) and
+  `cap` (which caption was picked), which key the teacher-output cache, and, if
+  the dataset has them and `data.hard_negatives` is set, the tokenized
+  relation / attribute twins of the example with validity flags.
+  """
 
   def __init__(self, data_cfg, tokenizer: Tokenizer):
-    self.captions_key = adapter(data_cfg.tfds_name).captions_key
+    ad = adapter(data_cfg.tfds_name)
+    self.captions_key = ad.captions_key
+    self.twins = ad.hard_negatives and data_cfg.get("hard_negatives", False)
     self.size = data_cfg.image_size
     self.augment = data_cfg.augment
     self.tok = tokenizer
 
-  def __call__(self, ex: dict, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  def __call__(self, item: tuple[int, dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
+    index, ex = item
     caps = list(_get(ex, self.captions_key))
     if not caps:
-      raise ValueError("training example has no captions")
-    cap = caps[int(rng.integers(len(caps)))]
+      raise ValueError(f"training example {index} has no captions")
+    # Only the first 5 captions are cacheable (COCO has a few images with 6-7).
+    cap = int(rng.integers(min(len(caps), NUM_EVAL_CAPTIONS)))
     image = resize_crop(ex["image"], self.size, rng if self.augment else None)
-    return {"image": image.astype(np.uint8), "text": self.tok.encode(cap)}
+    out = {"image": image.astype(np.uint8), "text": self.tok.encode(caps[cap]),
+           "index": np.int32(index), "cap": np.int32(cap)}
+    if self.twins:
+      for k in ("true", "relation", "attribute"):
+        s = _as_str(ex[f"hn_{k}"])
+        out[f"hn_{k}"] = self.tok.encode(s)
+        out[f"hn_{k}_valid"] = np.bool_(bool(s))
+    return out
 
 
 def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
@@ -153,7 +170,8 @@ def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
   if global_batch % n_proc:
     raise ValueError(f"batch size {global_batch} does not split over {n_proc} processes")
   src = data_source(data_cfg, data_cfg.train_split)
-  ds = grain.MapDataset.source(src).seed(seed).shuffle().repeat()
+  ds = grain.MapDataset.source(src).map_with_index(lambda i, ex: (i, ex))
+  ds = ds.seed(seed).shuffle().repeat()
   # Random choices are seeded by the global stream index, so they are the same
   # whichever process reads an element: map first, then stride.
   ds = ds.random_map(TrainPreprocess(data_cfg, tokenizer))

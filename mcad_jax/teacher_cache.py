@@ -1,0 +1,127 @@
+"""Teacher-output cache: per-example teacher outputs computed once, read at each step.
+
+MobileCLIP-style dataset reinforcement: what depends on one example only (the
+teacher image embedding v_i, the text embedding t_ic of each of its captions,
+and the fused feature f_ic of each matched (image, caption) pair) is computed
+once over the training split and stored as .npy arrays next to the dataset, in
+`<data_dir>/mcad_teacher_cache/<dataset>/<fingerprint>/`. The fingerprint
+hashes the teacher params and the preprocessing, so a different teacher never
+reads a stale cache. Distillation then runs with no teacher forward pass.
+
+It needs deterministic preprocessing (`data.augment=False`) and pair-local
+teacher outputs, so MCAD's `all_pairs` mode (ITM over B^2 pairs) is online only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from mcad_jax import evaluate
+from mcad_jax.data import pipeline
+
+log = logging.getLogger(__name__)
+
+
+def fingerprint(config, frozen) -> str:
+  h = hashlib.sha256()
+  h.update(json.dumps([config.data.tfds_name, config.data.train_split, config.data.image_size,
+                       config.data.text_len]).encode())
+  for leaf in jax.tree.leaves(frozen):
+    h.update(np.asarray(jax.device_get(leaf)).tobytes())
+  return h.hexdigest()[:16]
+
+
+def cache_root(config) -> str:
+  base = config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
+      "~/tensorflow_datasets")
+  return os.path.join(base, "mcad_teacher_cache", config.data.tfds_name.replace("/", "_"))
+
+
+class TeacherCache:
+  """Memory-mapped teacher outputs indexed by (example index, caption index)."""
+
+  def __init__(self, directory: str):
+    with open(os.path.join(directory, "meta.json")) as f:
+      self.meta = json.load(f)
+    self.keys = tuple(self.meta["keys"])
+    self.arrays = {k: np.load(os.path.join(directory, f"{k}.npy"), mmap_mode="r") for k in self.keys}
+    self.directory = directory
+
+  def lookup(self, batch: dict) -> dict:
+    """Adds teacher_<key> rows for the batch's (index, cap) pairs."""
+    idx, cap = batch["index"], batch["cap"]
+    out = dict(batch)
+    for k, arr in self.arrays.items():
+      out[f"teacher_{k}"] = np.asarray(arr[idx] if arr.ndim == 2 else arr[idx, cap])
+    return out
+
+  @classmethod
+  def build(cls, config, frozen, fwd, mesh) -> TeacherCache:
+    """Loads the cache for these teachers, computing it first if it is missing."""
+    if config.data.augment:
+      raise ValueError("the teacher cache needs deterministic preprocessing: set data.augment=False")
+    directory = os.path.join(cache_root(config), fingerprint(config, frozen))
+    if os.path.exists(os.path.join(directory, "meta.json")):
+      log.info("Teacher cache: %s", directory)
+      return cls(directory)
+    t0 = time.time()
+    arrays = compute(config, frozen, fwd, mesh)
+    if jax.process_index() == 0:
+      tmp = directory + f".tmp{os.getpid()}"
+      os.makedirs(tmp, exist_ok=True)
+      for k, a in arrays.items():
+        np.save(os.path.join(tmp, f"{k}.npy"), a)
+      with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({"keys": list(arrays), "examples": int(len(arrays["v"])),
+                   "seconds": time.time() - t0}, f)
+      if os.path.exists(directory):
+        shutil.rmtree(directory)
+      os.replace(tmp, directory)  # Complete or absent: never half a cache.
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("mcad_jax:teacher_cache")
+    log.info("Teacher cache built in %.0f s: %s", time.time() - t0, directory)
+    return cls(directory)
+
+
+def compute(config, frozen, fwd, mesh, limit: int | None = None) -> dict[str, np.ndarray]:
+  """Teacher outputs over the training split, in record order.
+
+  Returns {'v': [N, E], 't': [N, 5, E]} plus 'f': [N, 5, F] when there is a fusion teacher.
+  """
+  from mcad_jax.data.tokenizer import Tokenizer
+
+  tok = Tokenizer(config.data.text_len)
+  src = pipeline.data_source(config.data, config.data.train_split)
+  ad = pipeline.adapter(config.data.tfds_name)
+  n = len(src) if limit is None else min(limit, len(src))
+  bs = config.eval_batch_size
+  c = pipeline.NUM_EVAL_CAPTIONS
+  outs: dict[str, list[np.ndarray]] = {"v": [], "t": [], "f": []}
+  img_fn = lambda p, x: fwd.image(p, x)
+  txt_fn = lambda p, x: fwd.text(p, x)
+  fuse_fn = lambda p, it, tt, tm: fwd.fuse(p, it, tt, tm)[0]  # One object: one compile.
+  for s in range(0, n, bs):
+    exs = [src[i] for i in range(s, min(n, s + bs))]
+    images = np.stack([pipeline.resize_crop(e["image"], config.data.image_size, None) for e in exs])
+    caps = [[pipeline._as_str(x) for x in pipeline._get(e, ad.captions_key)][:c] for e in exs]
+    caps = [cs + [cs[-1]] * (c - len(cs)) for cs in caps]  # Pad short lists; never sampled.
+    ids = tok.encode_batch([x for cs in caps for x in cs])
+    v, itok = evaluate.embed_all(img_fn, frozen, images.astype(np.uint8), bs, mesh)
+    t, ttok = evaluate.embed_all(txt_fn, frozen, ids, bs * c, mesh)
+    outs["v"].append(np.asarray(v))
+    outs["t"].append(np.asarray(t).reshape(len(exs), c, -1))
+    if fwd.fuse is not None:
+      rows = np.repeat(np.arange(len(exs)), c)
+      f = evaluate.batched_pairs(fuse_fn, frozen, itok, ttok[0], ttok[1], rows,
+                                 np.arange(len(rows)), bs * c)
+      outs["f"].append(f.reshape(len(exs), c, -1))
+  return {k: np.concatenate(v).astype(np.float32) for k, v in outs.items() if v}
