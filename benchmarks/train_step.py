@@ -32,7 +32,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mcad_jax import sharding, train  # noqa: E402
+from mcad_jax import sharding, stages, train  # noqa: E402
 
 BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
 
@@ -61,9 +61,9 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
 def step_throughput(config, name: str, steps: int) -> dict:
   scfg = config[name]
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  _, model = train.build_model(config, scfg)
-  tx, sched = train.make_optimizer(scfg)
-  init, shard, _ = train.abstract_state(config, scfg, mesh)
+  stage = stages.build(config, name, "", mesh)
+  tx, sched = train.make_optimizer(scfg, stage.freeze)
+  init, shard, _ = train.abstract_state(stage, scfg, config, mesh)
   state = jax.jit(init, out_shardings=shard)(jax.random.key(0))
   rng = np.random.default_rng(0)
   b, s, L = scfg.batch_size, config.data.image_size, config.data.text_len
@@ -71,8 +71,9 @@ def step_throughput(config, name: str, steps: int) -> dict:
   text[:, 0] = 101
   batch = {"image": rng.integers(0, 255, (b, s, s, 3)).astype(np.uint8), "text": text}
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  fn = jax.jit(lambda st, bt: train.train_step(st, bt, loss_fn=train.make_loss_fn(model, scfg), tx=tx,
-                                               schedule=sched, accum=scfg.accum_steps),
+  fn = jax.jit(lambda st, bt: train.train_step(st, bt, None, loss_fn=stage.loss_fn, tx=tx,
+                                               schedule=sched, accum=scfg.accum_steps,
+                                               base_rng=jax.random.key(0)),
                in_shardings=(shard, sharding.batch_sharding(mesh)),
                out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
   compiled = fn.lower(state, batch).compile()

@@ -77,6 +77,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       depth=2,               # number of fusion layers (0 = the preset's)
       towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
       freeze_towers=True,
+      context="tokens",      # image tokens to cross-attend: 'tokens', 'patches' (pre-transformer) or 'both'
       itc_weight=1.0,        # InfoNCE on the towers when they are trained
       twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
       rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM
@@ -94,6 +95,7 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   c.edges = ()              # (edge, kind, weight) rows; empty = the recipe's defaults
   c.teachers = ml_collections.ConfigDict(dict(dual=teacher, fusion=fusion_teacher))
   c.kl_temperature = 0.0    # 0 = the dual teacher's learned temperature
+  c.kl_tau_squared = False  # Hinton's tau^2 factor on KL terms (vanishes at small tau)
   c.cache = False           # read teacher outputs from the per-example cache
   c.mcad = ml_collections.ConfigDict(dict(
       mode="matched",       # 'matched': fuse f_ii into v_i, t_i; 'all_pairs': + b * ITM_ij on top-k
@@ -217,6 +219,8 @@ def _validate_fusion(config, name, s) -> None:
     raise ConfigError(f"{name}.fusion.size", str(e)) from None
   _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
   _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
+  _need(f.context in ("tokens", "patches", "both"), f"{name}.fusion.context",
+        f"unknown context {f.context!r}; known ('tokens', 'patches', 'both')")
   if f.towers_from:
     _stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
     _need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",

@@ -52,13 +52,18 @@ def kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
   return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1))
 
 
-def kl_sim(sim_student: jax.Array, sim_teacher: jax.Array, temperature: float) -> jax.Array:
-  """Distribution distillation on a similarity matrix, both directions, tau^2-scaled.
+def kl_sim(sim_student: jax.Array, sim_teacher: jax.Array, temperature: float,
+           tau_squared: bool = True) -> jax.Array:
+  """Distribution distillation on a similarity matrix, both directions.
 
-  0.5 * tau^2 * [KL over rows (i->t) + KL over columns (t->i)] of softmax(sim / tau).
+  0.5 * [KL over rows (i->t) + KL over columns (t->i)] of softmax(sim / tau),
+  times tau^2 if `tau_squared` (Hinton's scaling, which keeps gradient size
+  independent of tau for tau >> 1, but shrinks the term by tau^2 at the small
+  temperatures of contrastive models).
   """
   s, t = sim_student / temperature, sim_teacher / temperature
-  return 0.5 * temperature**2 * (kl_rows(t, s) + kl_rows(t.T, s.T))
+  kl = 0.5 * (kl_rows(t, s) + kl_rows(t.T, s.T))
+  return kl * temperature**2 if tau_squared else kl
 
 
 def feature_l2(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -24,7 +24,7 @@ from mcad_jax import checkpoint, evaluate, losses
 from mcad_jax.data import pipeline
 from mcad_jax.data.tokenizer import Tokenizer
 from mcad_jax.models import two_tower
-from mcad_jax.models.fusion import FusionTeacher
+from mcad_jax.models.fusion import FusionTeacher, image_context
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ class Stage:
     batch_keys: which batch fields the loss reads.
     host_fn: numpy batch -> numpy batch, run on the host before sharding (e.g. the
       teacher-output cache lookup), or None.
+    freeze: regexes of param paths the optimizer must leave alone (no update, no decay),
+      on top of the config's `freeze`.
   """
 
   init: Callable[[jax.Array], Any]
@@ -54,6 +56,7 @@ class Stage:
   update_mask: Callable | None = None
   batch_keys: tuple[str, ...] = ("image", "text")
   host_fn: Callable | None = None
+  freeze: tuple[str, ...] = ()
 
 
 def tokenizer(config) -> Tokenizer:
@@ -131,7 +134,8 @@ def fusion_model(config, scfg) -> FusionTeacher:
   fk["depth"] = scfg.fusion.depth or fk["depth"]
   dual_kw = {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)
              if f.name not in ("parent", "name")}
-  return FusionTeacher(dual=dual_kw, fusion={**fk, "dtype": tower.dtype})
+  return FusionTeacher(dual=dual_kw, fusion={**fk, "dtype": tower.dtype},
+                       context=scfg.fusion.context)
 
 
 def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
@@ -157,12 +161,13 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     if fcfg.freeze_towers:
       p["dual"] = jax.lax.stop_gradient(p["dual"])
     zimg, ztxt, aux = model.apply({"params": p}, batch["image"], batch["text"], method=model.unimodal)
-    itok, ttok, tmask = aux["img"]["tokens"], aux["txt"]["tokens"], aux["txt"]["mask"]
+    itok, ttok, tmask = aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"]
     sim = jax.lax.stop_gradient(aux["logit_scale"] * zimg @ ztxt.T)
     r1, r2 = jax.random.split(rng)
     neg_t = losses.sample_hard_negatives(sim, r1)        # a hard caption for each image
     neg_i = losses.sample_hard_negatives(sim.T, r2)      # a hard image for each caption
     pair = lambda it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1]
+    terms = {}
     b = zimg.shape[0]
     logits = [pair(itok, ttok, tmask), pair(itok, ttok[neg_t], tmask[neg_t]),
               pair(itok[neg_i], ttok, tmask)]
@@ -174,10 +179,13 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
         logits.append(pair(itok, taux["tokens"], taux["mask"]))
         labels.append(jnp.zeros(b))
         weights.append(batch[f"hn_{kind}_valid"].astype(jnp.float32))
+    if use_twins:
+      for kind, lg, w in zip(("relation", "attribute"), logits[3:], weights[3:], strict=True):
+        terms[f"twin_acc/{kind}"] = jnp.sum((logits[0] > lg) * w) / jnp.maximum(jnp.sum(w), 1.0)
     logits, labels, weights = (jnp.concatenate(x) for x in (logits, labels, weights))
     itm = losses.itm_bce(logits, labels, weights)
-    terms = {"loss/itm": itm, "itm_acc": jnp.sum(((logits > 0) == (labels > 0)) * weights)
-             / jnp.sum(weights)}
+    terms.update({"loss/itm": itm, "itm_acc": jnp.sum(((logits > 0) == (labels > 0)) * weights)
+             / jnp.sum(weights)})
     loss = itm
     if not fcfg.freeze_towers and fcfg.itc_weight > 0:
       itc = losses.infonce(zimg, ztxt, aux["logit_scale"])
@@ -188,6 +196,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
   keys = ("image", "text") + (("hn_relation", "hn_relation_valid", "hn_attribute",
                                "hn_attribute_valid") if use_twins else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
+               freeze=("^dual/",) if fcfg.freeze_towers else (),
                evaluate=lambda params, mesh: eval_fusion(config, scfg, model, params, mesh))
 
 
@@ -200,7 +209,7 @@ def eval_fusion(config, scfg, model, params, mesh) -> dict:
     def fn(p, x):
       if kind == "img":
         z, aux = model.apply({"params": p}, x, method=model.encode_image)
-        return z, aux["tokens"]
+        return z, aux["ctx"]
       z, aux = model.apply({"params": p}, x, method=model.encode_text)
       return z, aux["tokens"], aux["mask"]
     return fn
@@ -301,7 +310,7 @@ def teacher_fns(config, dcfg) -> TeacherFns:
       return v, None
     if not share:
       _, aux = fusion.apply({"params": frozen["fusion"]}, images, method=fusion.encode_image)
-    return v, aux["tokens"]
+    return v, image_context(aux, fusion.context)
 
   def text(frozen, ids):
     t, aux = dual.apply({"params": frozen["dual"]}, ids, method=dual.encode_text)
@@ -348,7 +357,8 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
     terms = {"logit_scale": saux["logit_scale"]}
     if frozen is None:
       nodes = distill.Nodes({"si": si, "st": st}, {})
-      loss, t = distill.graph_loss(nodes, table, saux["logit_scale"], dcfg.kl_temperature or 0.05)
+      loss, t = distill.graph_loss(nodes, table, saux["logit_scale"], dcfg.kl_temperature or 0.05,
+                                   dcfg.kl_tau_squared)
       return loss, {**terms, **t}
     if cache is not None:
       tout = {k: batch[f"teacher_{k}"] for k in cache.keys}
@@ -380,7 +390,7 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
           distill.mcad_teacher_sim(tout["v"], tout["t"], itm_fn, dcfg.mcad.itm_weight, dcfg.mcad.topk))
     nodes = distill.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {"si": psi, "st": pst}, tsim)
     tau = dcfg.kl_temperature or 1.0 / tout["scale"]
-    gl, t = distill.graph_loss(nodes, table, saux["logit_scale"], tau)
+    gl, t = distill.graph_loss(nodes, table, saux["logit_scale"], tau, dcfg.kl_tau_squared)
     return loss + gl, {**terms, **t}
 
   update_mask = None

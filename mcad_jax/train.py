@@ -43,8 +43,12 @@ def decay_mask(params):
   return _path_labels(params, lambda name, x: x.ndim >= 2 and "pos_embedding" not in name)
 
 
-def make_optimizer(scfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with linear warmup + cosine decay, global-norm clipping and frozen params."""
+def make_optimizer(scfg, freeze: tuple[str, ...] = ()) -> tuple[optax.GradientTransformation,
+                                                                optax.Schedule]:
+  """AdamW with linear warmup + cosine decay, global-norm clipping and frozen params.
+
+  Params matching `scfg.freeze` or `freeze` get no update at all (not even weight decay).
+  """
   o = scfg.optim
   sched = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
@@ -52,8 +56,9 @@ def make_optimizer(scfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   tx = optax.chain(
       optax.clip_by_global_norm(o.clip_norm),
       optax.adamw(sched, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay, mask=decay_mask))
-  if scfg.freeze:
-    frozen = [re.compile(r) for r in scfg.freeze]
+  patterns = tuple(scfg.freeze) + tuple(freeze)
+  if patterns:
+    frozen = [re.compile(r) for r in patterns]
     labels = lambda params: _path_labels(
         params, lambda name, _: "frozen" if any(r.search(name) for r in frozen) else "train")
     tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -112,7 +117,7 @@ def stage_rng(seed: int, name: str) -> jax.Array:
 
 def abstract_state(stage: stages.Stage, scfg, config, mesh):
   """(init_fn, shardings, sharded abstract state) for a stage, with no compute."""
-  tx, _ = make_optimizer(scfg)
+  tx, _ = make_optimizer(scfg, stage.freeze)
 
   def init(rng):
     params = stage.init(rng)
@@ -167,7 +172,7 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
 
   # What this stage trains, with its frozen teachers loaded.
   stage = stages.build(config, name, workdir, mesh)
-  tx, schedule = make_optimizer(scfg)
+  tx, schedule = make_optimizer(scfg, stage.freeze)
   init, shard, abstract = abstract_state(stage, scfg, config, mesh)
 
   if scfg.get("weights"):

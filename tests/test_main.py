@@ -61,7 +61,9 @@ def test_bad_variant_exits_2(tmp_path):
   assert r.returncode == 2 and "nope" in r.stderr
 
 
-STEPS = ["--config.teacher.steps=120", "--config.ckpt_every=20", "--config.log_every=1"]
+# The loop's mechanics are tested on the teacher stage alone, to keep the suite fast.
+STEPS = ["--config.stages=('teacher',)", "--config.teacher.steps=120", "--config.ckpt_every=20",
+         "--config.log_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,26 @@ def test_results_and_metrics_contract(uninterrupted):
     assert k in recs[-1]
   assert recs[-1]["training_loss"] < recs[0]["training_loss"]
   assert "ETA" in r.stderr and "ex/s" in r.stderr
+
+
+def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
+  """The smoke variant as a user runs it: teacher -> fusion teacher -> MCAD student."""
+  del tiny_data
+  w = tmp_path / "smoke"
+  r = run_main(w)
+  assert r.returncode == 0, r.stderr[-3000:]
+  res = json.loads((w / "results.json").read_text())
+  assert list(res["stages"]) == ["teacher", "fusion_teacher", "distill"]
+  assert set(res["retrieval"]) == {"teacher", "fusion_teacher", "student"}
+  assert set(res["hard_negatives"]) == {"teacher", "fusion_teacher", "student"}
+  for row in res["retrieval"].values():
+    assert row["rsum"] > 50  # Chance on 200 images is ~16.
+  recs = [json.loads(x) for x in (w / "distill" / "metrics.jsonl").read_text().splitlines()]
+  assert {"loss/si_st_kl", "loss/ti_si_fd", "loss/tt_st_fd", "loss/si_st_infonce"} <= set(recs[-1])
+  fus = [json.loads(x) for x in (w / "fusion_teacher" / "metrics.jsonl").read_text().splitlines()]
+  assert "loss/itm" in fus[-1] and "twin_acc/relation" in fus[-1]
+  for line in ("teacher", "fusion_teacher", "student"):
+    assert line in r.stdout
 
 
 def test_finished_stage_is_skipped(uninterrupted):
@@ -128,7 +150,7 @@ def test_sigkill_then_rerun_resumes_exactly(uninterrupted, tmp_path):
 def test_nan_loss_stops_with_step_and_keeps_good_checkpoint(tmp_path, tiny_data):
   del tiny_data
   w = tmp_path / "nan"
-  r = run_main(w, "--config.teacher.steps=40", "--config.ckpt_every=1",
+  r = run_main(w, "--config.stages=('teacher',)", "--config.teacher.steps=40", "--config.ckpt_every=1",
                "--config.teacher.optim.lr=1e30", "--config.teacher.optim.warmup_steps=10",
                "--config.teacher.optim.clip_norm=1e30")
   assert r.returncode == 1, r.stderr[-2000:]

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-ARGS = ["--config=configs/shapes.py:smoke", "--config.teacher.steps=6", "--config.log_every=1",
+ARGS = ["--config=configs/shapes.py:smoke", "--config.stages=('teacher',)",
+        "--config.teacher.steps=6", "--config.log_every=1",
         "--config.teacher.optim.warmup_steps=2",
         "--config.ckpt_every=3", "--config.data.eval_limit=64"]
 

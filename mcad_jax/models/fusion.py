@@ -45,24 +45,31 @@ class FusionTeacher(nn.Module):
   Attributes:
     dual: keyword arguments of `TwoTower` (its towers give the tokens).
     fusion: keyword arguments of `FusionEncoder`.
+    context: which image tokens the text cross-attends to: 'tokens' (the ViT's
+      output), 'patches' (its position-embedded patch embeddings) or 'both'.
   """
 
   dual: dict[str, Any]
   fusion: dict[str, Any]
+  context: str = "tokens"
 
   def setup(self):
     self.towers = TwoTower(**self.dual, name="dual")
     self.fuse = FusionEncoder(**self.fusion, name="fusion")
 
   def encode_image(self, images):
-    return self.towers.encode_image(images)
+    """(zimg, aux) with aux['ctx'] the image tokens the fusion layers read."""
+    z, aux = self.towers.encode_image(images)
+    return z, {**aux, "ctx": image_context(aux, self.context)}
 
   def encode_text(self, ids):
     return self.towers.encode_text(ids)
 
   def unimodal(self, images, ids):
-    """(zimg, ztxt, aux) of the dual towers, aux holding their tokens."""
-    return self.towers(images, ids)
+    """(zimg, ztxt, aux) of the dual towers, aux holding their tokens (aux['img']['ctx'])."""
+    zimg, ztxt, aux = self.towers(images, ids)
+    aux["img"] = {**aux["img"], "ctx": image_context(aux["img"], self.context)}
+    return zimg, ztxt, aux
 
   def pair(self, img_tokens, txt_tokens, txt_mask):
     """Fused feature and ITM logit for row-aligned (image, text) pairs."""
@@ -70,9 +77,19 @@ class FusionTeacher(nn.Module):
 
   def __call__(self, images, ids):
     zimg, ztxt, aux = self.unimodal(images, ids)
-    f, itm = self.pair(aux["img"]["tokens"], aux["txt"]["tokens"], aux["txt"]["mask"])
+    f, itm = self.pair(aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"])
     return f, itm, {"zimg": zimg, "ztxt": ztxt, **aux}
 
 
-def gather_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-  return jnp.take(x, idx, axis=0)
+CONTEXTS = ("tokens", "patches", "both")
+
+
+def image_context(img_aux: dict, mode: str) -> jax.Array:
+  """The image tokens a fusion layer cross-attends to, from a ViT's aux outputs."""
+  if mode == "tokens":
+    return img_aux["tokens"]
+  if mode == "patches":
+    return img_aux["patches"]
+  if mode == "both":
+    return jnp.concatenate([img_aux["patches"], img_aux["tokens"]], axis=1)
+  raise ValueError(f"unknown fusion context {mode!r}; known {CONTEXTS}")

@@ -37,7 +37,11 @@ class ViT(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array):
-    """Returns (pooled [B, width], {"tokens": [B, N, width]})."""
+    """Returns (pooled [B, width], {"tokens": [B, N, width], "patches": [B, N, width]}).
+
+    `patches` are the position-embedded patch embeddings before the transformer:
+    local appearance plus position, which a fusion teacher can bind words to.
+    """
     b, h, w, _ = images.shape
     if h % self.patch or w % self.patch:
       raise ValueError(f"image {h}x{w} is not divisible by patch {self.patch}")
@@ -52,6 +56,7 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
     pos = self.param("pos_embedding", layers.embed_init, (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
+    patches = x
     x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
     if self.pool == "gap":
       pooled = x.mean(axis=1)
@@ -59,4 +64,4 @@ class ViT(nn.Module):
       pooled = x[:, 0]
     else:
       raise ValueError(f"unknown pool {self.pool!r}; use 'gap' or 'tok'")
-    return pooled, {"tokens": x}
+    return pooled, {"tokens": x, "patches": patches}

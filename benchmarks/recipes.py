@@ -1,0 +1,123 @@
+"""Every distillation recipe on `shapes`, same student, budget and teachers, 3 seeds -> RESULTS.md.
+
+  python benchmarks/recipes.py --teachers workdirs/demo [--seeds 0 1 2] [--steps N] [--write]
+
+The teachers are the `teacher` and `fusion_teacher` stages of a finished
+`configs/shapes.py` run in --teachers (run `make demo` first; this script runs
+the missing teacher stages itself). Each recipe then trains the demo's student
+from those frozen teachers, reading teacher outputs from the cache (the same
+losses as online teachers, tested), and is evaluated on the 5k test split.
+With --write the table replaces the section between the markers in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
+COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+
+
+def run(config, workdir):
+  from mcad_jax import sharding, train
+
+  mesh = sharding.make_mesh(config.mesh)
+  return train.run_stages(config, workdir, mesh)
+
+
+def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: int | None):
+  from configs import shapes
+
+  c = shapes.get_config(base_arg)
+  c.stages = ("distill",)
+  c.teacher.weights = os.path.join(teachers, "teacher", "checkpoints")
+  c.fusion_teacher.weights = os.path.join(teachers, "fusion_teacher", "checkpoints")
+  c.distill.recipe = recipe
+  c.distill.cache = True
+  c.seed = seed
+  if steps:
+    c.distill.steps = steps
+  c.name = f"recipes:{recipe}:seed{seed}"
+  return c
+
+
+def fmt(xs):
+  xs = np.asarray(xs, float)
+  return f"{xs.mean():.1f} ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--teachers", default="workdirs/demo")
+  ap.add_argument("--variant", default="demo")
+  ap.add_argument("--out", default="workdirs/recipes")
+  ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+  ap.add_argument("--steps", type=int, default=None)
+  ap.add_argument("--recipes", nargs="+", default=None)
+  ap.add_argument("--write", action="store_true")
+  args = ap.parse_args()
+
+  from configs import shapes
+  from mcad_jax import distill, main as mcad_main
+
+  mcad_main.setup_logging()
+  t0 = time.time()
+  base = shapes.get_config(args.variant)
+  base.stages = ("teacher", "fusion_teacher")
+  teachers = run(base, args.teachers)  # Skips what is already finished.
+  rows: dict[str, list[dict]] = {}
+  for recipe in args.recipes or distill.RECIPES:
+    for seed in args.seeds:
+      cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
+      res = run(cfg, os.path.join(args.out, f"{recipe}_seed{seed}"))
+      rows.setdefault(recipe, []).append(
+          {**res["retrieval"]["student"], **res["hard_negatives"].get("student", {}),
+           "seconds": res["stages"]["distill"]["seconds"]})
+      print(recipe, seed, json.dumps(rows[recipe][-1]), flush=True)
+  minutes = (time.time() - t0) / 60
+
+  steps = args.steps or base.distill.steps
+  lines = [BEGIN,
+           f"`python benchmarks/recipes.py --teachers {args.teachers} --seeds "
+           f"{' '.join(map(str, args.seeds))}{f' --steps {args.steps}' if args.steps else ''} --write`"
+           f": student `{base.distill.model.image}` + `{base.distill.model.text}` text, "
+           f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
+           f"mean ± std over {len(args.seeds)} seeds; {minutes:.0f} min on this machine.",
+           "",
+           "| model | " + " | ".join(COLS) + " | hn relation | hn colour |",
+           "|---" * (len(COLS) + 3) + "|"]
+  for name, key in (("teacher", "teacher"), ("fusion_teacher", "fusion_teacher")):
+    r = teachers["retrieval"][key]
+    hn = teachers["hard_negatives"].get(key, {})
+    lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in COLS)
+                 + f" | {hn.get('hn_relation', float('nan')):.1f} | {hn.get('hn_attribute', float('nan')):.1f} |")
+  for recipe, rs in rows.items():
+    lines.append(f"| student: {recipe} | " + " | ".join(fmt([r[c] for r in rs]) for c in COLS)
+                 + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
+                 f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
+  lines.append(END)
+  table = "\n".join(lines)
+  print(table)
+  if args.write:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "RESULTS.md")
+    text = open(path).read()
+    if BEGIN in text:
+      text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
+    else:
+      text = text.rstrip() + "\n\n## Recipes on `shapes`\n\n" + table + "\n"
+    with open(path, "w") as f:
+      f.write(text)
+
+
+if __name__ == "__main__":
+  main()

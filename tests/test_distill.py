@@ -1,0 +1,195 @@
+"""Distillation recipes: each term against its definition, cache vs online, frozen teachers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import shapes
+from mcad_jax import checkpoint, distill, sharding, stages, train
+from mcad_jax.models.two_tower import l2_normalize
+
+
+def _unit(rng, n, d):
+  return l2_normalize(jnp.asarray(rng.normal(size=(n, d)), jnp.float32))
+
+
+def test_terms_vanish_when_student_equals_teacher():
+  rng = np.random.default_rng(0)
+  ti, tt = _unit(rng, 8, 16), _unit(rng, 8, 16)
+  nodes = distill.Nodes({"ti": ti, "tt": tt, "si": ti, "st": tt}, {"si": ti, "st": tt})
+  for edge in ("ti_si", "tt_st"):
+    assert float(distill.edge_loss(nodes, edge, "fd", 10.0, 0.1)) == pytest.approx(0, abs=1e-6)
+  for edge in distill.EDGES:
+    for kind in ("kl", "sd"):
+      assert float(distill.edge_loss(nodes, edge, kind, 10.0, 0.1)) == pytest.approx(0, abs=1e-5), (
+          edge, kind)
+  # A different student makes them positive.
+  other = distill.Nodes({"ti": ti, "tt": tt, "si": tt, "st": ti}, {"si": tt, "st": ti})
+  assert float(distill.edge_loss(other, "si_st", "kl", 10.0, 0.1)) > 1e-3
+  assert float(distill.edge_loss(other, "ti_si", "fd", 10.0, 0.1)) > 1e-3
+
+
+def test_teacher_sim_override_is_the_kl_target():
+  rng = np.random.default_rng(1)
+  ti, tt, si, st = (_unit(rng, 6, 8) for _ in range(4))
+  target = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
+  nodes = distill.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {}, teacher_sim=target)
+  from mcad_jax import losses
+
+  want = losses.kl_sim(si @ st.T, target, 0.2, tau_squared=False)
+  np.testing.assert_allclose(distill.edge_loss(nodes, "si_st", "kl", 1.0, 0.2), want, rtol=1e-6)
+
+
+def test_all_pairs_adds_itm_on_topk_only():
+  rng = np.random.default_rng(2)
+  v, t = _unit(rng, 5, 8), _unit(rng, 5, 8)
+  sim = np.asarray(v @ t.T)
+  out = np.asarray(distill.mcad_teacher_sim(v, t, lambda r, c: jnp.ones(r.shape), 2.0, 2))
+  changed = ~np.isclose(out, sim)
+  assert (changed.sum(axis=1) == 2).all()
+  top2 = np.argsort(-sim, axis=1)[:, :2]
+  assert all(changed[i, top2[i]].all() for i in range(5))
+  np.testing.assert_allclose(out[changed], sim[changed] + 2.0, rtol=1e-6)
+
+
+def test_mcad_modify_with_zero_alpha_is_identity():
+  rng = np.random.default_rng(3)
+  v, t, f = _unit(rng, 4, 8), _unit(rng, 4, 8), jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+  for combine in ("add", "gate"):
+    heads = distill.DistillHeads(8, 6, combine)
+    p = heads.init(jax.random.key(0), v, t, v, t, f)["params"]
+    v2, t2 = heads.apply({"params": p}, v, t, f, 0.0, method=heads.modify)
+    np.testing.assert_allclose(v2, v, atol=1e-6)
+    np.testing.assert_allclose(t2, t, atol=1e-6)
+    v3, _ = heads.apply({"params": p}, v, t, f, 1.0, method=heads.modify)
+    assert not np.allclose(v3, v)
+
+
+def test_edge_table_validation():
+  cfg = shapes.get_config("smoke").distill
+  cfg.edges = (("si_si", "infonce", 1.0),)
+  with pytest.raises(ValueError, match="joins a node to itself"):
+    distill.edge_table(cfg)
+  cfg.edges = (("xx_st", "kl", 1.0),)
+  with pytest.raises(ValueError, match="unknown edge"):
+    distill.edge_table(cfg)
+  for recipe in distill.RECIPES:
+    cfg.edges, cfg.recipe = (), recipe
+    assert distill.edge_table(cfg)
+  cfg.recipe = "student_only"
+  assert not distill.uses_teacher(cfg)
+
+
+# ----------------------------------------------------------------------------- with teachers
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory, tiny_data):
+  """Random-init teacher and fusion-teacher checkpoints, as if those stages had run."""
+  del tiny_data
+  w = tmp_path_factory.mktemp("teachers")
+  config = shapes.get_config("smoke")
+  mesh = sharding.make_mesh(config.mesh)
+  for name in ("teacher", "fusion_teacher"):
+    st = stages.build(config, name, str(w), mesh)
+    params = jax.jit(st.init)(jax.random.key(len(name)))
+    ck = checkpoint.Checkpointer(str(w / name / "checkpoints"), async_save=False)
+    ck.save(1, {"params": params, "step": jnp.int32(1)}, {"iter": {}})
+    ck.close()
+  return w
+
+
+def _steps(config, name, workdir, n=2):
+  mesh = sharding.make_mesh(config.mesh)
+  stage = stages.build(config, name, str(workdir), mesh)
+  scfg = config[name]
+  tx, sched = train.make_optimizer(scfg, stage.freeze)
+  init, shard, _ = train.abstract_state(stage, scfg, config, mesh)
+  state = jax.jit(init, out_shardings=shard)(jax.random.key(0))
+  if stage.load_init is not None:
+    state["params"] = stage.load_init(state["params"])
+  start = jax.device_get(state["params"])
+  from mcad_jax.data import pipeline
+
+  it = pipeline.train_iterator(config.data, stages.tokenizer(config), scfg.batch_size, 0)
+  fn = jax.jit(lambda s, b, f: train.train_step(
+      s, b, f, loss_fn=stage.loss_fn, tx=tx, schedule=sched, accum=1, base_rng=jax.random.key(1),
+      update_mask=stage.update_mask))
+  losses = []
+  for _ in range(n):
+    b = next(it)
+    if stage.host_fn:
+      b = stage.host_fn(b)
+    b = sharding.to_global({k: b[k] for k in stage.batch_keys}, mesh)
+    state, m = fn(state, b, stage.frozen)
+    losses.append(float(m["training_loss"]))
+  return start, jax.device_get(state["params"]), losses, m, stage
+
+
+slow = pytest.mark.slow
+RECIPE_CASES = [
+    ("student_only", {}), ("clip_kd", {}), ("tinyclip", {}), ("conaclip", {}), ("mcad", {}),
+    # MCAD's other modes: slow (a compile each); `make test-all` runs them.
+    pytest.param("mcad", {"mcad.mode": "all_pairs"}, marks=slow),
+    pytest.param("mcad", {"mcad.combine": "concat"}, marks=slow),
+    pytest.param("mcad", {"mcad.combine": "gate", "mcad.proj": "fixed"}, marks=slow),
+]
+
+
+def _case_id(case):
+  r, o = case.values if hasattr(case, "values") else case
+  return "-".join([r, *(f"{k}={v}" for k, v in o.items())])
+
+
+@pytest.mark.parametrize("recipe,over", RECIPE_CASES, ids=[_case_id(c) for c in RECIPE_CASES])
+def test_every_recipe_trains_on_8_devices(teacher_workdir, recipe, over):
+  assert jax.device_count() == 8
+  config = shapes.get_config("smoke")
+  config.distill.recipe = recipe
+  for k, v in over.items():
+    sec, key = k.split(".")
+    config.distill[sec][key] = v
+  start, end, losses, m, stage = _steps(config, "distill", teacher_workdir)
+  assert all(np.isfinite(losses))
+  assert set(end) == {"student", "heads"}  # No teacher params in the trained state.
+  moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start["student"]),
+                                                  jax.tree.leaves(end["student"]), strict=True)]
+  assert any(moved)
+  if recipe != "student_only":
+    assert any(k.startswith("loss/") and k != "loss/si_st_infonce" for k in m)
+
+
+def test_two_stage_conaclip_freezes_text_tower_first(teacher_workdir):
+  config = shapes.get_config("smoke")
+  config.distill.recipe = "conaclip"
+  config.distill.conaclip.schedule = "two_stage"
+  start, end, _, _, _ = _steps(config, "distill", teacher_workdir)
+  s0, s1 = start["student"], end["student"]
+  np.testing.assert_array_equal(s0["txt"]["token_embedding"], s1["txt"]["token_embedding"])
+  assert not np.allclose(s0["img"]["embedding"]["kernel"], s1["img"]["embedding"]["kernel"])
+
+
+def test_fusion_stage_keeps_frozen_towers(teacher_workdir):
+  config = shapes.get_config("smoke")
+  start, end, losses, m, _ = _steps(config, "fusion_teacher", teacher_workdir, n=3)
+  teacher = checkpoint.load_params(str(teacher_workdir / "teacher" / "checkpoints"),
+                                   jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                                start["dual"]))
+  for a, b, c in zip(jax.tree.leaves(start["dual"]), jax.tree.leaves(end["dual"]),
+                     jax.tree.leaves(teacher), strict=True):
+    np.testing.assert_array_equal(a, b)   # Zero updates...
+    np.testing.assert_array_equal(a, c)   # ...to the dual teacher's own towers.
+  assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(start["fusion"]),
+                                                   jax.tree.leaves(end["fusion"]), strict=True))
+  assert "loss/itm" in m and all(np.isfinite(losses))
+
+
+def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_path):
+  config = shapes.get_config("smoke")
+  config.data.data_dir = ""  # The cache goes next to the dataset (TFDS_DATA_DIR here).
+  _, _, online, _, _ = _steps(config, "distill", teacher_workdir, n=3)
+  config.distill.cache = True
+  _, end, cached, _, stage = _steps(config, "distill", teacher_workdir, n=3)
+  assert stage.host_fn is not None and "teacher_f" in stage.batch_keys
+  np.testing.assert_allclose(cached, online, rtol=2e-5)
