@@ -98,8 +98,9 @@ def main():
   for name, key in (("teacher", "teacher"), ("fusion_teacher", "fusion_teacher")):
     r = teachers["retrieval"][key]
     hn = teachers["hard_negatives"].get(key, {})
+    nan = float("nan")
     lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in COLS)
-                 + f" | {hn.get('hn_relation', float('nan')):.1f} | {hn.get('hn_attribute', float('nan')):.1f} |")
+                 + f" | {hn.get('hn_relation', nan):.1f} | {hn.get('hn_attribute', nan):.1f} |")
   for recipe, rs in rows.items():
     lines.append(f"| student: {recipe} | " + " | ".join(fmt([r[c] for r in rs]) for c in COLS)
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
