@@ -77,7 +77,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       depth=2,               # number of fusion layers (0 = the preset's)
       towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
       freeze_towers=True,
-      context="tokens",      # image tokens to cross-attend: 'tokens', 'patches' (pre-transformer) or 'both'
+      context="patches",     # image tokens to cross-attend: 'tokens', 'patches' (pre-transformer) or 'both'
       itc_weight=1.0,        # InfoNCE on the towers when they are trained
       twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
       rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM

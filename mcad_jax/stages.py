@@ -174,14 +174,22 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     labels = [jnp.ones(b), jnp.zeros(b), jnp.zeros(b)]
     weights = [jnp.ones(b)] * 3
     if use_twins:
+      # The canonical two-object caption is a positive and its twins are negatives, so
+      # the only cue that separates them is binding (not caption style).
+      enc = lambda ids: model.apply({"params": p}, ids, method=model.encode_text)[1]
+      taux = enc(batch["hn_true"])
+      true_logit = pair(itok, taux["tokens"], taux["mask"])
+      logits.append(true_logit)
+      labels.append(jnp.ones(b))
+      weights.append(batch["hn_true_valid"].astype(jnp.float32))
       for kind in ("relation", "attribute"):
-        _, taux = model.apply({"params": p}, batch[f"hn_{kind}"], method=model.encode_text)
-        logits.append(pair(itok, taux["tokens"], taux["mask"]))
+        taux = enc(batch[f"hn_{kind}"])
+        lg = pair(itok, taux["tokens"], taux["mask"])
+        w = batch[f"hn_{kind}_valid"].astype(jnp.float32) * weights[3]
+        logits.append(lg)
         labels.append(jnp.zeros(b))
-        weights.append(batch[f"hn_{kind}_valid"].astype(jnp.float32))
-    if use_twins:
-      for kind, lg, w in zip(("relation", "attribute"), logits[3:], weights[3:], strict=True):
-        terms[f"twin_acc/{kind}"] = jnp.sum((logits[0] > lg) * w) / jnp.maximum(jnp.sum(w), 1.0)
+        weights.append(w)
+        terms[f"twin_acc/{kind}"] = jnp.sum((true_logit > lg) * w) / jnp.maximum(jnp.sum(w), 1.0)
     logits, labels, weights = (jnp.concatenate(x) for x in (logits, labels, weights))
     itm = losses.itm_bce(logits, labels, weights)
     terms.update({"loss/itm": itm, "itm_acc": jnp.sum(((logits > 0) == (labels > 0)) * weights)
@@ -193,8 +201,8 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
       loss = loss + fcfg.itc_weight * itc
     return loss, terms
 
-  keys = ("image", "text") + (("hn_relation", "hn_relation_valid", "hn_attribute",
-                               "hn_attribute_valid") if use_twins else ())
+  keys = ("image", "text") + (("hn_true", "hn_true_valid", "hn_relation", "hn_relation_valid",
+                               "hn_attribute", "hn_attribute_valid") if use_twins else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
                freeze=("^dual/",) if fcfg.freeze_towers else (),
                evaluate=lambda params, mesh: eval_fusion(config, scfg, model, params, mesh))
