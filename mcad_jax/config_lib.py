@@ -81,6 +81,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       itc_weight=1.0,        # InfoNCE on the towers when they are trained
       twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
       rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM
+      rerank_dual_weight=1.0,  # re-rank score = ITM logit + w * dual logit (0 = ITM alone)
   ))
   return c
 

@@ -224,19 +224,30 @@ def eval_fusion(config, scfg, model, params, mesh) -> dict:
 
   zimg, itok = evaluate.embed_all(towers("img"), params, test.images, bs, mesh)
   ztxt, ttok, tmask = evaluate.embed_all(towers("txt"), params, test.texts, bs, mesh)
-  pair_fn = jax.jit(lambda p, it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1])
-  score = lambda ii, tt: evaluate.batched_pairs(pair_fn, params, itok, ttok, tmask, ii, tt, bs)
-  out = evaluate.rerank_metrics(zimg, ztxt, score, scfg.fusion.rerank_k)
+  pair_fn = lambda p, it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1]
+  # Re-ranking score: ITM logit + w * the dual logit (w = fusion.rerank_dual_weight).
+  w = scfg.fusion.rerank_dual_weight
+  scale = float(teacher_scale({"dual": params["dual"]}))
+  zi, zt = np.asarray(zimg), np.asarray(ztxt)
+
+  def score_with(ttok_, tmask_, zt_):
+    def score(ii, tt):
+      ii, tt = np.asarray(ii), np.asarray(tt)
+      itm = evaluate.batched_pairs(pair_fn, params, itok, ttok_, tmask_, ii, tt, bs)
+      return itm + w * scale * np.sum(zi[ii] * zt_[tt], axis=-1) if w else itm
+    return score
+
+  out = evaluate.rerank_metrics(zimg, ztxt, score_with(ttok, tmask, zt), scfg.fusion.rerank_k)
   if test.hard is not None:
-    zt_true, t_true, m_true = evaluate.embed_all(towers("txt"), params, test.hard["true"], bs, mesh)
-    idx = jnp.arange(test.num_images)
-    s_true = np.asarray(evaluate.batched_pairs(pair_fn, params, itok, t_true, m_true, idx, idx, bs))
+    idx = np.arange(test.num_images)
+    z_true, t_true, m_true = evaluate.embed_all(towers("txt"), params, test.hard["true"], bs, mesh)
+    s_true = score_with(t_true, m_true, np.asarray(z_true))(idx, idx)
     for kind in ("relation", "attribute"):
       valid = test.hard[f"{kind}_valid"] & test.hard["true_valid"]
       if not valid.any():
         continue
-      _, t_k, m_k = evaluate.embed_all(towers("txt"), params, test.hard[kind], bs, mesh)
-      s_k = np.asarray(evaluate.batched_pairs(pair_fn, params, itok, t_k, m_k, idx, idx, bs))
+      z_k, t_k, m_k = evaluate.embed_all(towers("txt"), params, test.hard[kind], bs, mesh)
+      s_k = score_with(t_k, m_k, np.asarray(z_k))(idx, idx)
       out[f"hn_{kind}"] = float(100.0 * np.mean((s_true > s_k)[valid]))
   return {scfg.report_as: out}
 

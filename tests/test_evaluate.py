@@ -56,3 +56,17 @@ def test_hard_negative_metrics():
       4, dtype=np.float32)[ids]
   out = evaluate.hard_negative_metrics(zi, enc, hard)
   assert out == {"hn_relation": 100.0}
+
+
+def test_rerank_with_the_dual_score_changes_nothing_and_an_oracle_helps():
+  rng = np.random.default_rng(4)
+  n, e = 40, 6
+  zi = rng.normal(size=(n, e)).astype(np.float32)
+  zt = np.repeat(zi, 5, axis=0) + rng.normal(scale=1.2, size=(5 * n, e)).astype(np.float32)
+  dual = evaluate.recall_metrics(zi, zt)
+  same = evaluate.rerank_metrics(zi, zt, lambda i, t: np.sum(zi[i] * zt[t], axis=1), k=10)
+  assert same == dual
+  oracle = evaluate.rerank_metrics(zi, zt, lambda i, t: (t // 5 == i).astype(np.float32), k=10)
+  # A perfect re-ranker puts every true match found in the top 10 first.
+  assert oracle["i2t_r1"] == dual["i2t_r10"] and oracle["t2i_r1"] == dual["t2i_r10"]
+  assert oracle["i2t_r10"] == dual["i2t_r10"]
