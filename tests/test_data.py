@@ -129,3 +129,14 @@ def test_processes_split_each_global_batch(tiny_data):
     key = lambda b: sorted(zip(b["text"].tolist(), b["image"].reshape(len(b["image"]), -1).sum(1),
                                strict=True))
     assert key(g) == sorted(key(local[0]) + key(local[1]))
+
+
+def test_record_index_stays_in_range_across_epochs(tiny_data):
+  """The cache is keyed by record index: past the first epoch it must still be < N."""
+  from mcad_jax.data import pipeline
+
+  n = len(pipeline.data_source(tiny_data, "train"))
+  it = pipeline.train_iterator(tiny_data, Tokenizer(tiny_data.text_len), 256, seed=0)
+  seen = np.concatenate([next(it)["index"] for _ in range(2 * n // 256 + 1)])
+  assert seen.max() < n and seen.min() >= 0
+  assert len(np.unique(seen[:n - n % 256])) == n - n % 256  # An epoch visits each record once.

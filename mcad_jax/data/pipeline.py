@@ -170,7 +170,9 @@ def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
   if global_batch % n_proc:
     raise ValueError(f"batch size {global_batch} does not split over {n_proc} processes")
   src = data_source(data_cfg, data_cfg.train_split)
-  ds = grain.MapDataset.source(src).map_with_index(lambda i, ex: (i, ex))
+  n = len(src)
+  # grain passes epoch-offset indices through shuffle/repeat; the record index is i mod n.
+  ds = grain.MapDataset.source(src).map_with_index(lambda i, ex: (i % n, ex))
   ds = ds.seed(seed).shuffle().repeat()
   # Random choices are seeded by the global stream index, so they are the same
   # whichever process reads an element: map first, then stride.
