@@ -64,6 +64,8 @@ def main():
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--recipes", nargs="+", default=None)
   ap.add_argument("--write", action="store_true")
+  ap.add_argument("--collect", action="store_true",
+                  help="train nothing: tabulate the runs that already finished in --out")
   args = ap.parse_args()
 
   from configs import shapes
@@ -78,7 +80,10 @@ def main():
   for recipe in args.recipes or distill.RECIPES:
     for seed in args.seeds:
       cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
-      res = run(cfg, os.path.join(args.out, f"{recipe}_seed{seed}"))
+      out = os.path.join(args.out, f"{recipe}_seed{seed}")
+      if args.collect and not os.path.exists(os.path.join(out, "distill", "done.json")):
+        continue
+      res = run(cfg, out)
       rows.setdefault(recipe, []).append(
           {**res["retrieval"]["student"], **res["hard_negatives"].get("student", {}),
            "seconds": res["stages"]["distill"]["seconds"]})
@@ -102,7 +107,7 @@ def main():
     lines.append(f"| {name} | " + " | ".join(f"{r[c]:.1f}" for c in COLS)
                  + f" | {hn.get('hn_relation', nan):.1f} | {hn.get('hn_attribute', nan):.1f} |")
   for recipe, rs in rows.items():
-    lines.append(f"| student: {recipe} | " + " | ".join(fmt([r[c] for r in rs]) for c in COLS)
+    lines.append(f"| student: {recipe} (n={len(rs)}) | " + " | ".join(fmt([r[c] for r in rs]) for c in COLS)
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
                  f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
   lines.append(END)
