@@ -176,15 +176,16 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     if use_twins:
       # The canonical two-object caption is a positive and its twins are negatives, so
       # the only cue that separates them is binding (not caption style).
-      enc = lambda ids: model.apply({"params": p}, ids, method=model.encode_text)[1]
-      taux = enc(batch["hn_true"])
-      true_logit = pair(itok, taux["tokens"], taux["mask"])
+      # One text-tower pass for the canonical caption and both twins.
+      ids = jnp.concatenate([batch["hn_true"], batch["hn_relation"], batch["hn_attribute"]])
+      _, taux = model.apply({"params": p}, ids, method=model.encode_text)
+      toks, masks = jnp.split(taux["tokens"], 3), jnp.split(taux["mask"], 3)
+      true_logit = pair(itok, toks[0], masks[0])
       logits.append(true_logit)
       labels.append(jnp.ones(b))
       weights.append(batch["hn_true_valid"].astype(jnp.float32))
-      for kind in ("relation", "attribute"):
-        taux = enc(batch[f"hn_{kind}"])
-        lg = pair(itok, taux["tokens"], taux["mask"])
+      for k, kind in enumerate(("relation", "attribute"), start=1):
+        lg = pair(itok, toks[k], masks[k])
         w = batch[f"hn_{kind}_valid"].astype(jnp.float32) * weights[3]
         logits.append(lg)
         labels.append(jnp.zeros(b))
