@@ -27,8 +27,6 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-BEGIN, END = "<!-- distill_overhead:begin -->", "<!-- distill_overhead:end -->"
-
 
 def make_teachers(config, workdir, mesh):
   from mcad_jax import checkpoint, stages
@@ -95,8 +93,7 @@ def main():
       config.distill.recipe, config.distill.cache = recipe, cache
       rows.append((label, time_stage(config, w, mesh, args.steps)))
   base = rows[0][1]
-  lines = [BEGIN,
-           f"`python benchmarks/distill_overhead.py --steps {args.steps} --write` on "
+  lines = [f"`python benchmarks/distill_overhead.py --steps {args.steps} --write` on "
            f"{platform.machine()}, {os.cpu_count()} cores, 1 CPU device, jax {jax.__version__}. "
            f"Student `{config.distill.model.image}` + `{config.distill.model.text}` text, teachers "
            f"`{config.teacher.model.image}` + `{config.teacher.model.text}` and a "
@@ -106,19 +103,11 @@ def main():
            "| step | ms/step | ÷ student alone |",
            "|---|---|---|"]
   lines += [f"| {label} | {1e3 * t:.1f} | {t / base:.2f} |" for label, t in rows]
-  lines.append(END)
-  table = "\n".join(lines)
-  print(table)
+  print("\n".join(lines))
   if args.write:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
-    text = open(path).read()
-    if BEGIN in text:
-      text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-      text = text.rstrip() + "\n\n## Distillation overhead\n\n" + table + "\n"
-    with open(path, "w") as f:
-      f.write(text)
+    from benchmarks.report import write_section
 
+    write_section("BENCHMARKS.md", "distill_overhead", "Distillation overhead", lines)
 
 if __name__ == "__main__":
   main()

@@ -23,7 +23,6 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-BEGIN, END = "<!-- recipes:begin -->", "<!-- recipes:end -->"
 COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 
 
@@ -91,8 +90,7 @@ def main():
   minutes = (time.time() - t0) / 60
 
   steps = args.steps or base.distill.steps
-  lines = [BEGIN,
-           f"`python benchmarks/recipes.py --teachers {args.teachers} --seeds "
+  lines = [f"`python benchmarks/recipes.py --teachers {args.teachers} --seeds "
            f"{' '.join(map(str, args.seeds))}{f' --steps {args.steps}' if args.steps else ''} --write`"
            f": student `{base.distill.model.image}` + `{base.distill.model.text}` text, "
            f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
@@ -110,19 +108,11 @@ def main():
     lines.append(f"| student: {recipe} (n={len(rs)}) | " + " | ".join(fmt([r[c] for r in rs]) for c in COLS)
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
                  f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
-  lines.append(END)
-  table = "\n".join(lines)
-  print(table)
+  print("\n".join(lines))
   if args.write:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "RESULTS.md")
-    text = open(path).read()
-    if BEGIN in text:
-      text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-      text = text.rstrip() + "\n\n## Recipes on `shapes`\n\n" + table + "\n"
-    with open(path, "w") as f:
-      f.write(text)
+    from benchmarks.report import write_section
+
+    write_section("RESULTS.md", "recipes", "Recipes on `shapes`", lines)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ import numpy as np  # noqa: E402
 
 from mcad_jax import sharding, stages, train  # noqa: E402
 
-BEGIN, END = "<!-- train_step:begin -->", "<!-- train_step:end -->"
-
 
 def load_config(spec: str):
   path, _, arg = spec.partition(":")
@@ -115,7 +113,6 @@ def main():
          "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
 
   lines = [
-      BEGIN,
       f"Measured by `python benchmarks/train_step.py --config={args.config} --steps={args.steps}"
       f" --write` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
       f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} fake CPU devices.",
@@ -137,19 +134,11 @@ def main():
   for cfg_name, m in mem.items():
     lines.append(f"| {cfg_name} | " + " | ".join(f"{m[n] / 2**20:,.1f} MiB" for n in (1, 2, 4, 8))
                  + f" | {m[8] / m[1]:.3f} |")
-  lines.append(END)
-  table = "\n".join(lines)
-  print(table)
+  print("\n".join(lines))
   if args.write:
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "BENCHMARKS.md")
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if BEGIN in text:
-      text = text[:text.index(BEGIN)] + table + text[text.index(END) + len(END):]
-    else:
-      text = text.rstrip() + "\n\n## Train step\n\n" + table + "\n"
-    with open(path, "w") as f:
-      f.write(text)
+    from benchmarks.report import write_section
 
+    write_section("BENCHMARKS.md", "train_step", "Train step", lines)
 
 if __name__ == "__main__":
   main()

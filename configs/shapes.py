@@ -1,7 +1,8 @@
 """Shapes: the built-in synthetic benchmark, whole pipeline on a laptop CPU.
 
 Stages: teacher (dual-stream) -> fusion_teacher (single-stream, on the frozen
-teacher towers) -> distill (the MCAD student).
+teacher towers) -> distill (the MCAD student) -> export (TFLite fp32/fp16/
+dynamic/int8 and ONNX, verified against JAX, plus the gallery index).
 
   python -m mcad_jax.main --config=configs/shapes.py --workdir=workdirs/demo        # demo
   python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke # < 3 min
@@ -19,7 +20,7 @@ def get_config(arg: str = ""):
   variant = arg or "demo"
   c = cl.base_config()
   c.name = f"shapes:{variant}"
-  c.stages = ("teacher", "fusion_teacher", "distill")
+  c.stages = ("teacher", "fusion_teacher", "distill", "export")
   c.data.hard_negatives = True  # Relation/attribute twins of training captions, for the fusion ITM.
   if variant == "demo":
     c.data.tfds_name = "shapes/default"
@@ -53,4 +54,8 @@ def get_config(arg: str = ""):
   c.fusion_teacher.fusion.update(fusion)
   c.distill = cl.distill_stage_config(student, recipe="mcad", steps=steps["student"],
                                       batch_size=batch, lr=lr, warmup_steps=warm(steps["student"]))
+  c.export = cl.export_stage_config("distill")
+  if variant == "smoke":
+    c.export.formats = ("fp32", "int8")
+    c.export.representative_examples, c.export.parity_examples = 200, 64
   return c

@@ -250,12 +250,33 @@ def _finish(stage_dir, stage, params, mesh, steps, seconds) -> dict:
   return record
 
 
+def export_stage(config, name: str, workdir: str) -> dict:
+  """The export stage (TensorFlow-based, in the top-level `export` package), skipped once done."""
+  stage_dir = os.path.join(workdir, name)
+  done = read_done(stage_dir)
+  if done is not None:
+    log.info("Stage %s already finished; skipping.", name)
+    return done
+  if jax.process_index() != 0:  # One process writes the files; the others have nothing to do.
+    return {"seconds": 0.0, "steps": 0, "retrieval": {}}
+  from export import stage as export_lib  # Needs TensorFlow: `pip install -e '.[export,onnx]'`.
+
+  record = export_lib.run_export(config, workdir, name)
+  _write_json(os.path.join(stage_dir, DONE_FILE), record)
+  return record
+
+
 def run_stages(config, workdir: str, mesh) -> dict:
   """Runs every configured stage in order; returns the results.json dict."""
   results = {"config": config.name, "stages": {}, "retrieval": {}, "hard_negatives": {}}
   for name in config.stages:
-    rec = train_stage(config, name, workdir, mesh)
+    if config[name].kind == "export":
+      rec = export_stage(config, name, workdir)
+    else:
+      rec = train_stage(config, name, workdir, mesh)
     results["stages"][name] = {"seconds": rec["seconds"], "steps": rec["steps"]}
+    if "export" in rec:
+      results["export"] = rec["export"]
     for row, metrics_ in rec["retrieval"].items():
       ret = dict(metrics_)
       hn = {k: ret.pop(k) for k in list(ret) if k.startswith("hn_")}

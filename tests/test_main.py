@@ -95,14 +95,15 @@ def test_results_and_metrics_contract(uninterrupted):
 
 
 def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
-  """The smoke variant as a user runs it: teacher -> fusion teacher -> MCAD student."""
+  """The smoke variant as a user runs it: teacher -> fusion teacher -> MCAD student -> export."""
   del tiny_data
   w = tmp_path / "smoke"
   r = run_main(w)
   assert r.returncode == 0, r.stderr[-3000:]
   res = json.loads((w / "results.json").read_text())
-  assert list(res["stages"]) == ["teacher", "fusion_teacher", "distill"]
-  assert set(res["retrieval"]) == {"teacher", "fusion_teacher", "student"}
+  assert list(res["stages"]) == ["teacher", "fusion_teacher", "distill", "export"]
+  assert set(res["retrieval"]) == {"teacher", "fusion_teacher", "student", "student_fp32",
+                                   "student_int8"}
   assert set(res["hard_negatives"]) == {"teacher", "fusion_teacher", "student"}
   for row in res["retrieval"].values():
     assert row["rsum"] > 50  # Chance on 200 images is ~16.
@@ -112,6 +113,25 @@ def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
   assert "loss/itm" in fus[-1] and "twin_acc/relation" in fus[-1]
   for line in ("teacher", "fusion_teacher", "student"):
     assert line in r.stdout
+  # Export: every file verified against JAX, builtin ops only, int8 close to JAX in retrieval.
+  exp = res["export"]
+  names = {f"student_{e}_{f}.tflite" for e in ("image", "text") for f in ("fp32", "int8")}
+  assert names | {"student_image.onnx", "student_text.onnx"} == set(exp)
+  for name, rec in exp.items():
+    assert (w / "export" / name).stat().st_size == rec["bytes"] > 0
+    assert rec["cosine_min"] >= (0.99 if "int8" in name else 0.999), (name, rec)
+    assert rec["ops"] and not any(o.startswith(("CUSTOM", "Flex")) for o in rec["ops"])
+  assert exp["student_image_int8.tflite"]["bytes"] < 0.5 * exp["student_image_fp32.tflite"]["bytes"]
+  assert res["retrieval"]["student_fp32"] == pytest.approx(res["retrieval"]["student"], abs=0.5)
+  for k in ("i2t_r1", "t2i_r1"):
+    assert abs(res["retrieval"]["student_int8"][k] - res["retrieval"]["student"][k]) <= 2.0
+  assert "student_int8" in (w / "export" / "report.md").read_text()
+  # The search CLI answers from the int8 text encoder and the int8 index.
+  q = subprocess.run([sys.executable, "-m", "export.search", "--workdir", str(w), "-k", "3",
+                      "a red circle"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert q.returncode == 0, q.stderr[-2000:]
+  hits = [ln for ln in q.stdout.splitlines() if "image #" in ln]
+  assert len(hits) == 3
 
 
 def test_finished_stage_is_skipped(uninterrupted):

@@ -28,6 +28,16 @@ def gelu(x):
   return jax.nn.gelu(x, approximate=True)
 
 
+def layer_norm(name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+  """LayerNorm with the two-pass variance mean((x - mean)^2).
+
+  Flax's default one-pass E[x^2] - E[x]^2 cancels catastrophically once
+  activations are int8: it took full-integer TFLite encoders from cosine ~0.999
+  to ~0.9 vs float. The parameters are the same either way.
+  """
+  return nn.LayerNorm(dtype=dtype, use_fast_variance=False, name=name)
+
+
 def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
   """Rows of `table` at `ids`; ids are promised in range (the tokenizer's job)."""
   return table.at[ids].get(mode="promise_in_bounds")
@@ -87,7 +97,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None, ctx=None, ctx_mask=None):
-    ln = lambda name: nn.LayerNorm(dtype=self.dtype, name=name)  # noqa: E731
+    ln = lambda name: layer_norm(name, self.dtype)  # noqa: E731
     x = x + Attention(self.heads, self.dtype, name="attn")(ln("ln1")(x), mask=mask)
     if self.cross:
       x = x + Attention(self.heads, self.dtype, name="xattn")(ln("lnx")(x), ctx, mask=ctx_mask)
@@ -108,4 +118,4 @@ class Encoder(nn.Module):
     for i in range(self.depth):
       x = Block(self.heads, self.mlp_dim, self.cross, self.dtype, name=f"block{i}")(
           x, mask, ctx, ctx_mask)
-    return nn.LayerNorm(dtype=self.dtype, name="ln_final")(x)
+    return layer_norm("ln_final", self.dtype)(x)

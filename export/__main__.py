@@ -1,0 +1,83 @@
+"""Export stage on any workdir: `python -m export --workdir W [options]`.
+
+Reads the run's `W/config.json`, exports the student of `--source` (default: the
+config's export section, else `distill`), verifies it, and merges the `export`
+section and `student_<format>` rows into `W/results.json`. Re-running redoes the
+export (unlike the pipeline, which skips a finished stage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+
+
+def load_run_config(workdir: str):
+  import ml_collections
+
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir!r} a mcad_jax workdir?")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
+  ap.add_argument("--workdir", required=True)
+  ap.add_argument("--source", help="stage whose student to export (dual or distill)")
+  ap.add_argument("--formats", nargs="+", help="TFLite formats: fp32 fp16 dynamic int8")
+  ap.add_argument("--reeval", nargs="*", help="formats to re-run the retrieval eval with")
+  ap.add_argument("--int8-io", action="store_true", help="uint8 image in, int8 embedding out")
+  ap.add_argument("--no-onnx", action="store_true")
+  args = ap.parse_args(argv)
+  logging.basicConfig(level=logging.INFO, format="[export] %(message)s")
+
+  from mcad_jax import config_lib, train
+
+  workdir = os.path.abspath(args.workdir)
+  try:
+    config = load_run_config(workdir)
+    if "export" not in config or config.export.get("kind") != "export":
+      config.export = config_lib.export_stage_config(args.source or "distill")
+    e = config.export
+    if args.source:
+      e.source = args.source
+    if args.formats:
+      e.formats = tuple(args.formats)
+      e.reeval = tuple(f for f in e.reeval if f in e.formats or f == "onnx")
+      if e.index_encoder not in e.formats:
+        e.index_encoder = e.formats[-1]
+    if args.reeval is not None:
+      e.reeval = tuple(args.reeval)
+    e.int8_io = e.int8_io or args.int8_io
+    e.onnx = e.onnx and not args.no_onnx
+    config.stages = tuple(s for s in config.stages if s != "export") + ("export",)
+    config_lib.validate(config)
+  except (FileNotFoundError, config_lib.ConfigError) as err:
+    print(f"export: {err}", file=sys.stderr)
+    return 2
+  shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
+  from export.convert import ExportError
+
+  try:
+    rec = train.export_stage(config, "export", workdir)
+  except (ExportError, FileNotFoundError) as err:
+    print(f"export: {err}", file=sys.stderr)
+    return 1
+  path = os.path.join(workdir, "results.json")
+  results = json.load(open(path)) if os.path.isfile(path) else {"config": config.name}
+  results.setdefault("stages", {})["export"] = {"seconds": rec["seconds"], "steps": 0}
+  results.setdefault("retrieval", {}).update(rec["retrieval"])
+  results["export"] = rec["export"]
+  train._write_json(path, results)
+  print(open(os.path.join(workdir, "export", "report.md")).read())
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,233 @@
+"""The export stage: a finished student -> verified TFLite and ONNX encoders, report and index.
+
+Runs as the last stage of a pipeline (`kind='export'` in the config; see
+`mcad_jax.config_lib.export_stage_config`) or alone on any workdir whose
+student stage finished:
+
+  python -m export --workdir W [--source distill] [--formats fp32 int8] [--no-onnx]
+
+For every exported file it records the size, the op list (builtins only, or
+the stage fails), and the embedding parity with JAX on held-out test examples
+(min cosine, max abs error), failing below the configured cosine floor. The
+files named in `reeval` are re-run through the whole retrieval eval as rows
+`student_<format>`. Everything lands in `W/export/` with `report.md`, and in the
+`export` section of `W/results.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+
+import jax
+import numpy as np
+
+from export import convert, index, runtime
+
+log = logging.getLogger(__name__)
+
+FLOAT_FORMATS = ("fp32", "fp16", "onnx")
+
+
+def load_student(config, workdir: str, source: str):
+  """(model, params) of the student trained by stage `source` (a dual or distill stage)."""
+  from mcad_jax import checkpoint, stages
+
+  scfg = config[source]
+  model = stages.dual_model(config, scfg.model)
+  img, txt = stages.dummy_batch(config)
+  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), img, txt)["params"])
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), shapes)
+  if scfg.kind == "distill":
+    abstract = {"student": abstract}  # The distillation heads and teachers are left behind.
+  ckdir = stages.checkpoint_dir(config, workdir, source)
+  if not os.path.isdir(ckdir):
+    raise FileNotFoundError(f"no checkpoints for stage {source!r} in {ckdir}: train it first")
+  params = checkpoint.load_params(ckdir, abstract)
+  return model, (params["student"] if scfg.kind == "distill" else params)
+
+
+def _test_data(config, limit: int | None):
+  from mcad_jax import stages
+  from mcad_jax.data import pipeline
+
+  return pipeline.eval_set(config.data, stages.tokenizer(config), limit=limit)
+
+
+def representative(config, n: int, encoder: str):
+  """A callable yielding n single-example inputs from the *training* split, for int8 calibration."""
+  from mcad_jax import stages
+  from mcad_jax.data import pipeline
+
+  data = pipeline.eval_set(config.data, stages.tokenizer(config), split=config.data.train_split,
+                           limit=max(1, n // 5 if encoder == "text" else n))
+  xs = data.images.astype(np.float32) if encoder == "image" else data.texts
+
+  def gen():
+    for x in xs[:n]:
+      yield [x[None]]
+
+  return gen
+
+
+def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+  ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+  cos = np.sum(ref * got, 1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
+  return {"cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+          "max_abs_err": float(np.abs(ref - got).max())}
+
+
+def _check(ecfg, fmt: str, r: dict) -> str | None:
+  """Why a file fails its parity floor, or None.
+
+  Float files must keep every held-out cosine >= float_cosine_min. Quantized
+  files are held to their *mean* cosine: per-tensor int8 activations leave a
+  tail of worse examples on small models (see README, "Export"), and the
+  retrieval re-eval is the end-to-end check on them.
+  """
+  if fmt in FLOAT_FORMATS:
+    key, floor = "cosine_min", ecfg.float_cosine_min
+  else:
+    key, floor = "cosine_mean", ecfg.quant_cosine_min
+  return f"{key} {r[key]:.5f} < {floor}" if r[key] < floor else None
+
+
+def run_export(config, workdir: str, name: str = "export") -> dict:
+  """Exports, verifies and indexes the student; returns the stage record (see train.run_stages)."""
+  from mcad_jax import evaluate
+
+  t0 = time.time()
+  ecfg = config[name]
+  out = os.path.join(workdir, name)
+  os.makedirs(out, exist_ok=True)
+  model, params = load_student(config, workdir, ecfg.source)
+  fns = convert.encoder_fns(model, params)
+  specs = convert.input_specs(config.data.image_size, config.data.text_len, ecfg.batch_size)
+
+  # Held-out parity data: the head of the test split; retrieval re-eval: the configured test set.
+  test = _test_data(config, config.data.eval_limit or None)
+  held = {"image": test.images[:ecfg.parity_examples].astype(np.float32),
+          "text": test.texts[:ecfg.parity_examples]}
+  jfns = {k: jax.jit(f) for k, f in fns.items()}
+  ref = {k: np.concatenate([np.asarray(jfns[k](held[k][s:s + 64].astype(specs[k][1])))
+                            for s in range(0, len(held[k]), 64)]) for k in held}
+
+  # A fixed-batch variant for the JAX reference at the export batch size is not needed:
+  # the encoders are per-example functions, so batch 64 and batch 1 agree.
+  sm_dir = os.path.join(out, "saved_model")
+  shutil.rmtree(sm_dir, ignore_errors=True)
+  convert.save_savedmodel(fns, specs, sm_dir)
+
+  files: dict[str, dict] = {}
+  encoders: dict[tuple[str, str], object] = {}
+  for fmt in ecfg.formats:
+    for enc in convert.ENCODERS:
+      fname = f"student_{enc}_{fmt}.tflite"
+      rep = representative(config, ecfg.representative_examples, enc) if fmt == "int8" else None
+      buf = convert.to_tflite(sm_dir, enc, fmt, rep, int8_io=ecfg.int8_io)
+      ops = runtime.tflite_ops(buf)
+      bad = runtime.non_builtin(ops)
+      if bad:
+        raise convert.ExportError(f"{fname}: non-builtin ops {bad}; the model code must avoid them")
+      path = os.path.join(out, fname)
+      _atomic_write(path, buf)
+      e = runtime.TFLiteEncoder(path)
+      encoders[(enc, fmt)] = e
+      files[fname] = {"bytes": len(buf), "ops": ops, "format": fmt, "encoder": enc,
+                      **parity(ref[enc], e(held[enc]))}
+      log.info("%s: %d bytes, cosine min %.5f", fname, len(buf), files[fname]["cosine_min"])
+  if ecfg.onnx:
+    import onnx
+
+    for enc in convert.ENCODERS:
+      fname = f"student_{enc}.onnx"
+      path = os.path.join(out, fname)
+      convert.to_onnx(fns[enc], specs[enc], path, f"student_{enc}")
+      e = runtime.OnnxEncoder(path)
+      encoders[(enc, "onnx")] = e
+      ops = sorted({n.op_type for n in onnx.load(path).graph.node})
+      files[fname] = {"bytes": os.path.getsize(path), "ops": ops, "format": "onnx", "encoder": enc,
+                      **parity(ref[enc], e(held[enc]))}
+
+  failed = [f"{f}: {why}" for f, r in files.items() if (why := _check(ecfg, r["format"], r))]
+
+  # Retrieval with the exported encoders, on the same test set as the JAX rows.
+  retrieval = {}
+  for fmt in ecfg.reeval:
+    if ("image", fmt) not in encoders:
+      raise convert.ExportError(f"{name}.reeval names {fmt!r}, which was not exported")
+    zimg = encoders[("image", fmt)](test.images.astype(np.float32))
+    ztxt = encoders[("text", fmt)](test.texts)
+    retrieval[f"student_{fmt}"] = evaluate.recall_metrics(zimg, ztxt)
+  # The gallery index: the test images, embedded by the index's image encoder.
+  idx_files = {}
+  for dtype in ecfg.index_formats:
+    enc = encoders.get(("image", ecfg.index_encoder))
+    if enc is None:
+      raise convert.ExportError(f"{name}.index_encoder {ecfg.index_encoder!r} was not exported")
+    zimg = enc(test.images.astype(np.float32))
+    ix = index.Index.build(zimg / np.linalg.norm(zimg, axis=1, keepdims=True), dtype)
+    path = os.path.join(out, f"gallery_{dtype}.idx")
+    ix.save(path)
+    idx_files[os.path.basename(path)] = {"bytes": os.path.getsize(path), "count": len(ix)}
+  _write_meta(out, config, ecfg, test)
+
+  record = {"seconds": time.time() - t0, "steps": 0, "params": 0, "retrieval": retrieval,
+            "export": files, "index": idx_files}
+  _write_report(os.path.join(out, "report.md"), record, ecfg, failed)
+  if failed:
+    raise convert.ExportError("export parity below the floor (see " + os.path.join(out, "report.md")
+                              + "):\n  " + "\n  ".join(failed))
+  return record
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(data)
+  os.replace(tmp, path)
+
+
+def _write_meta(out: str, config, ecfg, test) -> None:
+  """What the search CLI needs besides the files: sizes, gallery source, a caption per image."""
+  from mcad_jax import stages
+
+  tok = stages.tokenizer(config)
+  meta = {"image_size": config.data.image_size, "text_len": config.data.text_len,
+          "tfds_name": config.data.tfds_name, "data_dir": config.data.data_dir,
+          "split": config.data.test_split, "gallery_size": int(test.num_images),
+          "index_encoder": ecfg.index_encoder,
+          "captions": [tok.decode(test.texts[i * 5]) for i in range(test.num_images)]}
+  with open(os.path.join(out, "meta.json"), "w") as f:
+    json.dump(meta, f)
+
+
+def _write_report(path: str, record: dict, ecfg, failed: list[str]) -> None:
+  lines = ["# Export report", "",
+           f"Source stage `{ecfg.source}`, static batch {ecfg.batch_size}. Parity: "
+           f"{ecfg.parity_examples} held-out test examples per encoder vs JAX; floors: min cosine "
+           f"{ecfg.float_cosine_min} (float), mean cosine {ecfg.quant_cosine_min} (quantized).", "",
+           "| file | bytes | cosine min | cosine mean | max abs err | ops |", "|---|---|---|---|---|---|"]
+  for f, r in record["export"].items():
+    lines.append(f"| {f} | {r['bytes']:,} | {r['cosine_min']:.5f} | {r['cosine_mean']:.5f} | "
+                 f"{r['max_abs_err']:.2e} | {len(r['ops'])} |")
+  if record["retrieval"]:
+    cols = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+    lines += ["", "Retrieval on the test split with the exported encoders:", "",
+              "| encoders | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for row, m in record["retrieval"].items():
+      lines.append(f"| {row} | " + " | ".join(f"{m[c]:.1f}" for c in cols) + " |")
+  lines += ["", "Ops per file:", ""]
+  for f, r in record["export"].items():
+    lines.append(f"- `{f}`: {', '.join(r['ops'])}")
+  if record.get("index"):
+    lines += ["", "Gallery index: " + ", ".join(f"`{f}` ({r['count']} x, {r['bytes']:,} bytes)"
+                                                for f, r in record["index"].items())]
+  if failed:
+    lines += ["", "**FAILED**:", *[f"- {x}" for x in failed]]
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
