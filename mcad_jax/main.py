@@ -99,13 +99,16 @@ def main(argv) -> None:
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
-  from mcad_jax import metrics
+  from mcad_jax import metrics, preemption
 
   try:
     results = train.run_stages(config, workdir, mesh)
   except metrics.NonFiniteLossError as e:
     print(f"mcad_jax: {e}", file=sys.stderr)
     sys.exit(1)
+  except preemption.Preempted as e:
+    print(f"mcad_jax: {e}", file=sys.stderr)
+    sys.exit(143)
   if jax.process_index() == 0:
     print(train.format_table(results))
     print(f"results: {os.path.join(workdir, 'results.json')}")

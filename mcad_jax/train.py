@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcad_jax import checkpoint, metrics, sharding, stages
+from mcad_jax import checkpoint, metrics, preemption, sharding, stages
 from mcad_jax.data import pipeline
 
 DONE_FILE = "done.json"
@@ -207,10 +207,12 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
       in_shardings=(shard, sharding.batch_sharding(mesh), frozen_sh),
       out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
 
-  writer = metrics.MetricWriter(os.path.join(stage_dir, "metrics.jsonl"))
+  writer = metrics.MetricWriter(os.path.join(stage_dir, "metrics.jsonl"),
+                                os.path.join(stage_dir, "tensorboard"))
   writer.truncate_after(first_step)
   progress = metrics.Progress(name, scfg.steps, first_step, scfg.batch_size)
   t_loop = time.time()
+  watcher = preemption.Watcher()
   try:
     pending = None  # (step, loss) of the previous step: checked one step late to keep overlap.
     for step in range(first_step + 1, scfg.steps + 1):
@@ -229,13 +231,18 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
         rate = progress.examples_per_sec(step)
         writer.write({"step": step, **host, "examples_per_sec": rate})
         progress.show(progress.line(step, float(host["training_loss"]), rate))
-      if step % config.ckpt_every == 0 or is_last:
+      stop = watcher.should_stop(step) and not is_last
+      if step % config.ckpt_every == 0 or is_last or stop:
         # Never save a bad state: the loss and the updated params must both be finite.
         metrics.check_finite(step, float(m["training_loss"]))
         metrics.check_finite(step, float(m["l2_params"]))
         ckpt.save(step, state, {"iter": data.get_state(),
-                                "seconds": seconds0 + time.time() - t_loop})
+                                "seconds": seconds0 + time.time() - t_loop}, force=stop)
+      if stop:
+        raise preemption.Preempted(step)
   finally:
+    watcher.close()
+    writer.close()
     ckpt.close()  # Lets a pending async save of a good state finish.
   return _finish(stage_dir, stage, state["params"], mesh, scfg.steps,
                  seconds0 + time.time() - t_loop)

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -132,6 +133,40 @@ def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
   assert q.returncode == 0, q.stderr[-2000:]
   hits = [ln for ln in q.stdout.splitlines() if "image #" in ln]
   assert len(hits) == 3
+  # Export alone on the finished workdir, with other formats: results.json gains its rows.
+  e = subprocess.run([sys.executable, "-m", "export", "--workdir", str(w), "--formats", "fp16",
+                      "--no-onnx", "--reeval", "fp16"], cwd=ROOT, capture_output=True, text=True,
+                     timeout=300)
+  assert e.returncode == 0, e.stderr[-2000:]
+  res = json.loads((w / "results.json").read_text())
+  assert set(res["export"]) == {"student_image_fp16.tflite", "student_text_fp16.tflite"}
+  assert "student_fp16" in res["retrieval"] and "teacher" in res["retrieval"]
+
+
+def test_export_cli_rejects_a_bad_workdir(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "export", "--workdir", str(tmp_path / "nope")], cwd=ROOT,
+                     capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "config.json" in r.stderr
+  s = subprocess.run([sys.executable, "-m", "export.search", "--workdir", str(tmp_path), "a query"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert s.returncode == 2 and "run the export stage" in s.stderr
+
+
+def test_tensorboard_scalars_match_metrics_jsonl(uninterrupted):
+  """The hand-written event files read back with TensorFlow's own reader."""
+  import tensorflow as tf
+
+  w, _ = uninterrupted
+  files = list((w / "teacher" / "tensorboard").glob("events.out.tfevents.*"))
+  assert len(files) == 1
+  tb = {}
+  for ev in tf.compat.v1.train.summary_iterator(str(files[0])):
+    for v in ev.summary.value:
+      if v.tag == "training_loss":
+        tb[ev.step] = v.simple_value
+  want = losses_by_step(w)
+  assert sorted(tb) == sorted(want)
+  np.testing.assert_allclose([tb[k] for k in sorted(tb)], [want[k] for k in sorted(want)], rtol=1e-6)
 
 
 def test_finished_stage_is_skipped(uninterrupted):
@@ -143,27 +178,64 @@ def test_finished_stage_is_skipped(uninterrupted):
   assert (w / "teacher" / "done.json").stat().st_mtime == before
 
 
+def _logged_steps(w) -> int:
+  try:
+    return len((w / "teacher" / "metrics.jsonl").read_text().splitlines())
+  except FileNotFoundError:
+    return 0
+
+
 def test_sigkill_then_rerun_resumes_exactly(uninterrupted, tmp_path):
   full, _ = uninterrupted
   w = tmp_path / "killed"
   proc = subprocess.Popen(main_cmd(w, *STEPS), cwd=ROOT, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
-  ck = w / "teacher" / "checkpoints"
+  at = random.Random().randint(5, 110)  # A random step: maybe mid-save, maybe between saves.
   deadline = time.time() + 300
-  while time.time() < deadline and not (ck / "60").exists() and proc.poll() is None:
-    time.sleep(0.02)
+  while time.time() < deadline and _logged_steps(w) < at and proc.poll() is None:
+    time.sleep(0.01)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert not (w / "teacher" / "done.json").exists(), "the run finished before it could be killed"
+  assert not (w / "teacher" / "done.json").exists(), f"the run finished before step {at}"
+  ck = w / "teacher" / "checkpoints"
+  saved = ck.exists() and any(p.name.isdigit() for p in ck.iterdir())
   r = run_main(w, *STEPS)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "resumes from step" in r.stderr
+  if not saved:  # Killed before the first checkpoint: the rerun starts from scratch.
+    assert "resumes from step" not in r.stderr, at
   step_a, pa = final_params(full)
   step_b, pb = final_params(w)
   assert step_a == step_b == 120
   for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_array_equal(a, b)
   # Same data order: every step's loss is the same, before and after the kill.
+  assert losses_by_step(full) == losses_by_step(w)
+
+
+def test_sigterm_saves_at_that_step_and_rerun_resumes_exactly(uninterrupted, tmp_path):
+  """Preemption: SIGTERM at a random step -> checkpoint of that step, exit 143, exact resume."""
+  full, _ = uninterrupted
+  w = tmp_path / "preempted"
+  at = random.Random().randint(5, 100)
+  proc = subprocess.Popen(main_cmd(w, *STEPS), cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and _logged_steps(w) < at and proc.poll() is None:
+    time.sleep(0.01)
+  proc.send_signal(signal.SIGTERM)
+  err = proc.communicate(timeout=300)[1]
+  assert proc.returncode == 143, (at, err[-2000:])
+  assert "preempted" in err and "Traceback" not in err
+  assert not (w / "teacher" / "done.json").exists()
+  step, _ = final_params(w)
+  assert at <= step < 120, (at, step)  # Saved where it stopped, not at the last multiple of 20.
+  r = run_main(w, *STEPS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert f"resumes from step {step}" in r.stderr
+  _, pa = final_params(full)
+  _, pb = final_params(w)
+  for a, b in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
+    np.testing.assert_array_equal(a, b)
   assert losses_by_step(full) == losses_by_step(w)
 
 
