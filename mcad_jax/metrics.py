@@ -37,13 +37,22 @@ def _fmt_duration(s: float) -> str:
 
 
 class MetricWriter:
-  """Appends one JSON object per call to `path` (process 0 only)."""
+  """Appends one JSON object per call to `path`, and its scalars to TensorBoard (process 0 only).
 
-  def __init__(self, path: str):
+  After a resume, TensorBoard shows the replayed steps again (its files are
+  append-only); metrics.jsonl is the record without duplicates.
+  """
+
+  def __init__(self, path: str, tensorboard_dir: str | None = None):
     self.enabled = jax.process_index() == 0
     self.path = path
+    self.tb = None
     if self.enabled:
       os.makedirs(os.path.dirname(path), exist_ok=True)
+      if tensorboard_dir:
+        from mcad_jax.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(tensorboard_dir)
 
   def truncate_after(self, step: int) -> None:
     """Drops records past `step`: a resumed run rewrites them, so none appear twice."""
@@ -59,8 +68,16 @@ class MetricWriter:
   def write(self, record: dict) -> None:
     if not self.enabled:
       return
+    rec = {k: _jsonable(v) for k, v in record.items()}
     with open(self.path, "a") as f:
-      f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+      f.write(json.dumps(rec) + "\n")
+    if self.tb is not None and "step" in rec:
+      self.tb.scalars(int(rec["step"]), {k: v for k, v in rec.items()
+                                         if k != "step" and isinstance(v, (int, float))})
+
+  def close(self) -> None:
+    if self.tb is not None:
+      self.tb.close()
 
 
 def _jsonable(v):
