@@ -1,4 +1,4 @@
-"""A 2-process CPU run (jax.distributed, 2 fake devices each) equals a 1-process run."""
+"""A 2-process CPU run (jax.distributed, 2 fake devices each, via launch/local.sh) equals 1 process."""
 
 import json
 import os
@@ -43,15 +43,13 @@ def test_two_processes_match_one(tmp_path, tiny_data):
                      text=True, timeout=600)
   assert r.returncode == 0, r.stderr[-3000:]
 
+  # Through the local launcher, as a user would start it.
   two = tmp_path / "two"
-  port = _free_port()
-  procs = [subprocess.Popen(
-      [*cmd, f"--workdir={two}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env=_env(2, JAX_NUM_PROCESSES=2, JAX_PROCESS_ID=i, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}"))
-      for i in range(2)]
-  outs = [p.communicate(timeout=600) for p in procs]
-  for p, (_, err) in zip(procs, outs, strict=True):
-    assert p.returncode == 0, err[-3000:]
+  r2 = subprocess.run(["bash", "launch/local.sh", "2", "2", "--", *ARGS, f"--workdir={two}"],
+                      cwd=ROOT, env=_env(1, PYTHON=sys.executable, PORT=_free_port()),
+                      capture_output=True, text=True, timeout=600)
+  logs = [(two / f"proc{i}.log").read_text() for i in range(2) if (two / f"proc{i}.log").exists()]
+  assert r2.returncode == 0, r2.stderr + "".join(x[-1500:] for x in logs)
 
   l1, l2 = _losses(one), _losses(two)
   assert len(l1) == len(l2) == 6
@@ -61,4 +59,4 @@ def test_two_processes_match_one(tmp_path, tiny_data):
   r2 = json.loads((two / "results.json").read_text())["retrieval"]["teacher"]
   assert r1 == pytest.approx(r2, abs=0.5)
   # Only process 0 printed the table.
-  assert sum("rsum" in out for out, _ in outs) == 1
+  assert sum("rsum" in log for log in logs) == 1
