@@ -139,6 +139,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       tfds_name="shapes/default",
       data_dir="",           # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
+      manual_dir="",         # files of a manual-download dataset (flickr30k), read once to prepare it
       image_size=64,
       text_len=24,
       train_split="train",

@@ -45,6 +45,7 @@ class DatasetAdapter:
 ADAPTERS = {
     "shapes": DatasetAdapter("mcad_jax.data.shapes_builder", "captions", hard_negatives=True),
     "coco_captions": DatasetAdapter("", "captions/text"),
+    "flickr30k": DatasetAdapter("mcad_jax.data.flickr30k_builder", "captions"),
 }
 
 
@@ -77,7 +78,10 @@ def ensure_prepared(data_cfg) -> None:
                            file_format="array_record")
     if not builder.is_prepared():
       log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
-      builder.download_and_prepare(file_format="array_record")
+      manual = data_cfg.get("manual_dir") or None
+      builder.download_and_prepare(
+          file_format="array_record",
+          download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
 
   if jax.process_index() == 0:
     prepare()
