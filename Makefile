@@ -25,7 +25,7 @@ smoke: $(STAMP)
 	$(BIN)/python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke
 
 lint: $(STAMP)
-	$(BIN)/ruff check mcad_jax configs tests benchmarks
+	$(BIN)/ruff check mcad_jax configs tests benchmarks export
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q tests

@@ -49,6 +49,27 @@ def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: i
   return c
 
 
+def apply_overrides(dcfg, sets: list[str]) -> str:
+  """Applies KEY=VALUE overrides to the distill section; returns a directory tag for them."""
+  import ast
+  import re
+
+  tag = ""
+  for item in sets:
+    key, _, value = item.partition("=")
+    try:
+      val = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      val = value
+    node = dcfg
+    *parents, leaf = key.split(".")
+    for k in parents:
+      node = node[k]
+    node[leaf] = val
+    tag += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{key}={value}").strip("-")[:40]
+  return tag
+
+
 def fmt(xs):
   xs = np.asarray(xs, float)
   return f"{xs.mean():.1f} ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
@@ -63,6 +84,10 @@ def main():
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--recipes", nargs="+", default=None)
   ap.add_argument("--write", action="store_true")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a distill field for every run, e.g. mcad.alpha=0.3 or "
+                       "\"edges=(('si_st','infonce',1.0),)\" (python literal); runs go to "
+                       "--out/<recipe>_<overrides>_seed<N> and are not written to RESULTS.md")
   ap.add_argument("--collect", action="store_true",
                   help="train nothing: tabulate the runs that already finished in --out")
   args = ap.parse_args()
@@ -79,7 +104,8 @@ def main():
   for recipe in args.recipes or distill.RECIPES:
     for seed in args.seeds:
       cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
-      out = os.path.join(args.out, f"{recipe}_seed{seed}")
+      tag = apply_overrides(cfg.distill, args.set)
+      out = os.path.join(args.out, f"{recipe}{tag}_seed{seed}")
       if args.collect and not os.path.exists(os.path.join(out, "distill", "done.json")):
         continue
       res = run(cfg, out)
@@ -109,7 +135,7 @@ def main():
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
                  f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
   print("\n".join(lines))
-  if args.write:
+  if args.write and not args.set:
     from benchmarks.report import write_section
 
     write_section("RESULTS.md", "recipes", "Recipes on `shapes`", lines)

@@ -47,16 +47,25 @@ def _as_signature(tf_fn):
   return sig
 
 
-def save_savedmodel(fns: dict[str, Callable], specs: dict, path: str) -> str:
-  """Writes a SavedModel with `encode_image` and `encode_text` signatures (output `embedding`)."""
+def save_savedmodel(fns: dict[str, Callable], specs: dict, path: str, uint8_image: bool = True) -> str:
+  """Writes a SavedModel with `encode_image` and `encode_text` signatures (output `embedding`).
+
+  With `uint8_image`, an `encode_image_uint8` signature also takes uint8 pixels
+  (same function: the model casts to float). TFLite files are converted from the
+  float one, which full-integer quantization needs.
+  """
   import tensorflow as tf
   from jax.experimental import jax2tf
 
   module = tf.Module()
   signatures = {}
+  fns, specs = dict(fns), dict(specs)
+  if uint8_image and "image" in fns:
+    fns["image_uint8"] = fns["image"]
+    specs["image_uint8"] = (specs["image"][0], np.dtype(np.uint8))
   for name, fn in fns.items():
     shape, dtype = specs[name]
-    arg = "image" if name == "image" else "ids"
+    arg = "image" if name.startswith("image") else "ids"
     wrapped = tf.function(_as_signature(jax2tf.convert(fn, with_gradient=False)), autograph=False,
                           input_signature=[tf.TensorSpec(shape, tf.as_dtype(dtype), name=arg)])
     setattr(module, f"encode_{name}", wrapped)

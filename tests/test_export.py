@@ -56,6 +56,18 @@ def test_fp32_tflite_and_onnx_match_jax(tmp_path, tiny, enc):
   np.testing.assert_allclose(runtime.OnnxEncoder(onnx_path)(data[enc]), ref[enc], atol=2e-5)
 
 
+def test_savedmodel_signatures(tiny):
+  import tensorflow as tf
+
+  _, _, sm, data, ref = tiny
+  loaded = tf.saved_model.load(sm)
+  assert {"encode_image", "encode_image_uint8", "encode_text"} <= set(loaded.signatures)
+  got = loaded.signatures["encode_image_uint8"](image=tf.constant(data["image"][:1].astype(np.uint8)))
+  np.testing.assert_allclose(got["embedding"].numpy(), ref["image"][:1], atol=2e-5)
+  got = loaded.signatures["encode_text"](ids=tf.constant(data["text"][:1]))
+  np.testing.assert_allclose(got["embedding"].numpy(), ref["text"][:1], atol=2e-5)
+
+
 def test_int8_text_with_bounded_mask(tmp_path, tiny):
   """Full-integer text encoder on padded captions: the bounded mask keeps it close to float."""
   from export.stage import parity
