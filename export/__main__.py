@@ -62,11 +62,9 @@ def main(argv=None) -> int:
     print(f"export: {err}", file=sys.stderr)
     return 2
   shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
-  from export.convert import ExportError
-
   try:
     rec = train.export_stage(config, "export", workdir)
-  except (ExportError, FileNotFoundError) as err:
+  except (train.StageFailed, FileNotFoundError) as err:
     print(f"export: {err}", file=sys.stderr)
     return 1
   path = os.path.join(workdir, "results.json")

@@ -24,7 +24,7 @@ class Searcher:
   """A workdir's exported text encoder and gallery index, ready for queries."""
 
   def __init__(self, workdir: str, fmt: str = "int8", index_dtype: str = "int8", num_threads: int = 1):
-    from mcad_jax.data.tokenizer import Tokenizer
+    from mcad_jax.data import tokenizer as tokenizers
 
     out = os.path.join(workdir, "export")
     meta_path = os.path.join(out, "meta.json")
@@ -33,7 +33,7 @@ class Searcher:
                               f"(python -m export --workdir {workdir})")
     with open(meta_path) as f:
       self.meta = json.load(f)
-    self.tokenizer = Tokenizer(self.meta["text_len"])
+    self.tokenizer = tokenizers.make(self.meta.get("tokenizer", "wordpiece"), self.meta["text_len"])
     self.encoder = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"), num_threads)
     self.index = index_lib.Index.load(os.path.join(out, f"gallery_{index_dtype}.idx"))
     if len(self.index) != self.meta["gallery_size"]:

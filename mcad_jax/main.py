@@ -109,6 +109,9 @@ def main(argv) -> None:
   except preemption.Preempted as e:
     print(f"mcad_jax: {e}", file=sys.stderr)
     sys.exit(143)
+  except train.StageFailed as e:
+    print(f"mcad_jax: {e}", file=sys.stderr)
+    sys.exit(1)
   if jax.process_index() == 0:
     print(train.format_table(results))
     print(f"results: {os.path.join(workdir, 'results.json')}")

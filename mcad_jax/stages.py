@@ -60,7 +60,9 @@ class Stage:
 
 
 def tokenizer(config) -> Tokenizer:
-  return Tokenizer(config.data.text_len)
+  from mcad_jax.data import tokenizer as tokenizers
+
+  return tokenizers.make(config.data.get("tokenizer", "wordpiece"), config.data.text_len)
 
 
 def dual_model(config, model_cfg) -> two_tower.TwoTower:
@@ -96,6 +98,27 @@ def encoders(model) -> tuple[Callable, Callable]:
   return enc_img, enc_txt
 
 
+def pretrained_init(config, scfg, model, under: str | None = None) -> Callable | None:
+  """load_init that copies `scfg.pretrained` weights (mcad_jax/convert.py) into a fresh init.
+
+  `under` names the subtree holding the two-tower model (the distill stage's 'student').
+  """
+  spec = scfg.get("pretrained", "")
+  if not spec:
+    return None
+
+  def load(params):
+    from mcad_jax import convert
+
+    name, new = convert.load_pretrained(spec, config.data.text_len, model.text["heads"])
+    log.info("Stage params %s from pretrained %s.", name or "(all)", spec)
+    if under:
+      return {**params, under: convert.graft(params[under], name, new)}
+    return convert.graft(params, name, new)
+
+  return load
+
+
 def eval_dual(config, model, params, mesh, row: str) -> dict:
   test = pipeline.eval_set(config.data, tokenizer(config), limit=config.data.eval_limit or None)
   enc_img, enc_txt = encoders(model)
@@ -121,6 +144,7 @@ def dual_stage(config, scfg, workdir: str, mesh) -> Stage:
   return Stage(
       init=lambda rng: model.init(rng, img, txt)["params"],
       loss_fn=loss_fn,
+      load_init=pretrained_init(config, scfg, model),
       evaluate=lambda params, mesh: eval_dual(config, model, params, mesh, scfg.report_as))
 
 
@@ -433,6 +457,7 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
   keys = ("image", "text") + (tuple(f"teacher_{k}" for k in cache.keys) if cache else ())
   return Stage(
       init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask, batch_keys=keys,
+      load_init=pretrained_init(config, scfg, student, under="student"),
       host_fn=cache.lookup if cache else None,
       evaluate=lambda params, mesh: eval_dual(config, student, params["student"], mesh, scfg.report_as))
 

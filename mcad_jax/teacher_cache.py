@@ -97,9 +97,9 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None) -> dict[str, np
 
   Returns {'v': [N, E], 't': [N, 5, E]} plus 'f': [N, 5, F] when there is a fusion teacher.
   """
-  from mcad_jax.data.tokenizer import Tokenizer
+  from mcad_jax import stages
 
-  tok = Tokenizer(config.data.text_len)
+  tok = stages.tokenizer(config)
   src = pipeline.data_source(config.data, config.data.train_split)
   ad = pipeline.adapter(config.data.tfds_name)
   n = len(src) if limit is None else min(limit, len(src))

@@ -257,6 +257,13 @@ def _finish(stage_dir, stage, params, mesh, steps, seconds) -> dict:
   return record
 
 
+class StageFailed(RuntimeError):
+  """A stage that cannot produce a usable result (e.g. an export failing its checks)."""
+
+  def __init__(self, stage: str, msg: str):
+    super().__init__(f"stage {stage!r} failed: {msg}")
+
+
 def export_stage(config, name: str, workdir: str) -> dict:
   """The export stage (TensorFlow-based, in the top-level `export` package), skipped once done."""
   stage_dir = os.path.join(workdir, name)
@@ -266,9 +273,13 @@ def export_stage(config, name: str, workdir: str) -> dict:
     return done
   if jax.process_index() != 0:  # One process writes the files; the others have nothing to do.
     return {"seconds": 0.0, "steps": 0, "retrieval": {}}
-  from export import stage as export_lib  # Needs TensorFlow: `pip install -e '.[export,onnx]'`.
+  # Needs TensorFlow: pip install -e '.[export,onnx]'.
+  from export import convert as export_convert, stage as export_lib
 
-  record = export_lib.run_export(config, workdir, name)
+  try:
+    record = export_lib.run_export(config, workdir, name)
+  except export_convert.ExportError as e:
+    raise StageFailed(name, str(e)) from e
   _write_json(os.path.join(stage_dir, DONE_FILE), record)
   return record
 
@@ -290,7 +301,7 @@ def run_stages(config, workdir: str, mesh) -> dict:
       results["retrieval"][row] = ret
       if hn:
         results["hard_negatives"][row] = hn
-  _write_json(os.path.join(workdir, "results.json"), results)
+    _write_json(os.path.join(workdir, "results.json"), results)  # A later failure loses nothing.
   return results
 
 

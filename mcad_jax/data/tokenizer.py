@@ -148,3 +148,18 @@ def _load_vocab(path: str) -> dict[str, int]:
     raise FileNotFoundError(f"tokenizer vocab not found: {path}")
   with open(path, encoding="utf-8") as f:
     return {line.rstrip("\n"): i for i, line in enumerate(f)}
+
+
+TOKENIZERS = ("wordpiece", "clip")
+
+
+def make(kind: str, max_len: int):
+  """The tokenizer a config names (`data.tokenizer`): 'wordpiece' (BERT-uncased, the default)
+  or 'clip' (CLIP's BPE, for towers converted from open_clip; mcad_jax/data/clip_tokenizer.py)."""
+  if kind == "wordpiece":
+    return Tokenizer(max_len)
+  if kind == "clip":
+    from mcad_jax.data.clip_tokenizer import ClipTokenizer
+
+    return ClipTokenizer(max_len)
+  raise ValueError(f"unknown tokenizer {kind!r}; known {TOKENIZERS}")

@@ -16,6 +16,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MASK_FILL = -30.0
 Dtype = Any
@@ -24,18 +25,20 @@ dense_init = nn.initializers.xavier_uniform()
 embed_init = nn.initializers.normal(stddev=0.02)
 
 
-def gelu(x):
-  return jax.nn.gelu(x, approximate=True)
+def gelu(x, exact: bool = False):
+  """tanh GELU by default (exact erf GELU costs ~45 TFLite ops per layer and broke int8);
+  `exact` for parity with checkpoints trained with it (BERT, open_clip's non-QuickGELU models)."""
+  return jax.nn.gelu(x, approximate=not exact)
 
 
-def layer_norm(name: str, dtype: Dtype = jnp.float32) -> nn.LayerNorm:
+def layer_norm(name: str, dtype: Dtype = jnp.float32, eps: float = 1e-6) -> nn.LayerNorm:
   """LayerNorm with the two-pass variance mean((x - mean)^2).
 
   Flax's default one-pass E[x^2] - E[x]^2 cancels catastrophically once
   activations are int8: it took full-integer TFLite encoders from cosine ~0.999
   to ~0.9 vs float. The parameters are the same either way.
   """
-  return nn.LayerNorm(dtype=dtype, use_fast_variance=False, name=name)
+  return nn.LayerNorm(dtype=dtype, epsilon=eps, use_fast_variance=False, name=name)
 
 
 def embed_lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
@@ -56,7 +59,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, kv: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+               mask: jax.Array | None = None, causal: bool = False) -> jax.Array:
     """x: [B, Lq, D]; kv: [B, Lk, Dk] (defaults to x); mask: [B, Lk] of {0, 1}."""
     kv = x if kv is None else kv
     d = x.shape[-1]
@@ -70,6 +73,10 @@ class Attention(nn.Module):
     if mask is not None:
       # Multiplicative form of a bounded fill: (1 - m) * -30, no select op.
       logits = logits + (1.0 - mask[:, None, None, :].astype(logits.dtype)) * MASK_FILL
+    if causal:  # A constant [Lq, Lk] triangle, same bounded fill.
+      lq, lk = logits.shape[-2:]
+      tri = np.tril(np.ones((lq, lk), np.float32))
+      logits = logits + jnp.asarray((1.0 - tri) * MASK_FILL, logits.dtype)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
     return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, kernel_init=dense_init,
@@ -79,43 +86,60 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
   hidden: int
   dtype: Dtype = jnp.float32
+  gelu_exact: bool = False
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     x = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=dense_init, name="fc1")(x)
-    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="fc2")(gelu(x))
+    return nn.Dense(d, dtype=self.dtype, kernel_init=dense_init, name="fc2")(gelu(x, self.gelu_exact))
 
 
 class Block(nn.Module):
-  """Pre-LN transformer block, with optional cross-attention (fusion layers)."""
+  """Transformer block, pre-LN (default) or post-LN (BERT), optional cross-attention (fusion).
+
+  `causal` adds a causal mask (CLIP's text tower); `mask` is the [B, L] key mask.
+  """
 
   heads: int
   mlp_dim: int
   cross: bool = False
   dtype: Dtype = jnp.float32
+  post_norm: bool = False
+  gelu_exact: bool = False
+  ln_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask=None, ctx=None, ctx_mask=None):
-    ln = lambda name: layer_norm(name, self.dtype)  # noqa: E731
-    x = x + Attention(self.heads, self.dtype, name="attn")(ln("ln1")(x), mask=mask)
+  def __call__(self, x, mask=None, ctx=None, ctx_mask=None, causal: bool = False):
+    ln = lambda name: layer_norm(name, self.dtype, self.ln_eps)  # noqa: E731
+    attn = Attention(self.heads, self.dtype, name="attn")
+    mlp = Mlp(self.mlp_dim, self.dtype, self.gelu_exact, name="mlp")
+    if self.post_norm:
+      x = ln("ln1")(x + attn(x, mask=mask, causal=causal))
+      return ln("ln2")(x + mlp(x))
+    x = x + attn(ln("ln1")(x), mask=mask, causal=causal)
     if self.cross:
       x = x + Attention(self.heads, self.dtype, name="xattn")(ln("lnx")(x), ctx, mask=ctx_mask)
-    return x + Mlp(self.mlp_dim, self.dtype, name="mlp")(ln("ln2")(x))
+    return x + mlp(ln("ln2")(x))
 
 
 class Encoder(nn.Module):
-  """A stack of `depth` blocks followed by a final LayerNorm."""
+  """A stack of `depth` blocks, then a final LayerNorm (pre-LN only; post-LN blocks end in one)."""
 
   depth: int
   heads: int
   mlp_dim: int
   cross: bool = False
   dtype: Dtype = jnp.float32
+  post_norm: bool = False
+  gelu_exact: bool = False
+  ln_eps: float = 1e-6
 
   @nn.compact
-  def __call__(self, x, mask=None, ctx=None, ctx_mask=None):
+  def __call__(self, x, mask=None, ctx=None, ctx_mask=None, causal: bool = False):
     for i in range(self.depth):
-      x = Block(self.heads, self.mlp_dim, self.cross, self.dtype, name=f"block{i}")(
-          x, mask, ctx, ctx_mask)
-    return layer_norm("ln_final", self.dtype)(x)
+      x = Block(self.heads, self.mlp_dim, self.cross, self.dtype, self.post_norm, self.gelu_exact,
+                self.ln_eps, name=f"block{i}")(x, mask, ctx, ctx_mask, causal)
+    if self.post_norm:
+      return x
+    return layer_norm("ln_final", self.dtype, self.ln_eps)(x)

@@ -10,14 +10,23 @@ from mcad_jax.models import layers
 
 
 class TextTransformer(nn.Module):
-  """BERT-style text encoder over fixed-length ids (pad id 0, [CLS] first).
+  """Text encoder over fixed-length ids (pad id 0).
 
-  Pools position 0 ([CLS]), so there is no data-dependent gather (see the
-  tokenizer's policy).
+  Default (our own towers): pre-LN, bidirectional, pools position 0 ([CLS]), so
+  there is no data-dependent gather (see the tokenizer's policy). Options let
+  pretrained towers load exactly (mcad_jax/convert.py):
+  - BERT / MiniLM: `post_norm=True` (LayerNorm after each residual and after the
+    embeddings), `gelu_exact=True`, `ln_eps=1e-12`, `pool='mean'` (masked mean,
+    as sentence-transformers pools MiniLM) or 'cls';
+  - CLIP: `causal=True`, `pool='eot'` (the position of the largest id, CLIP's
+    end-of-text token), `pad_id` for its padding.
 
   Attributes:
     vocab_size, max_len: token table and position table sizes.
     width, depth, heads, mlp_dim: transformer size.
+    pool: 'cls' (position 0), 'mean' (masked mean) or 'eot' (argmax of ids).
+    post_norm, gelu_exact, ln_eps, causal: see above.
+    pad_id: id of padding (mask = ids != pad_id; CLIP pads with 0 too).
     dtype: compute dtype.
   """
 
@@ -27,6 +36,12 @@ class TextTransformer(nn.Module):
   depth: int
   heads: int
   mlp_dim: int
+  pool: str = "cls"
+  post_norm: bool = False
+  gelu_exact: bool = False
+  ln_eps: float = 1e-6
+  causal: bool = False
+  pad_id: int = 0
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -37,7 +52,19 @@ class TextTransformer(nn.Module):
     table = self.param("token_embedding", layers.embed_init, (self.vocab_size, self.width))
     pos = self.param("pos_embedding", layers.embed_init, (1, self.max_len, self.width))
     x = layers.embed_lookup(table, ids) + pos[:, : ids.shape[-1]]
-    mask = (ids != 0).astype(jnp.float32)
-    x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype,
-                       name="encoder")(x.astype(self.dtype), mask=mask)
-    return x[:, 0], {"tokens": x, "mask": mask}
+    if self.post_norm:
+      x = layers.layer_norm("ln_emb", self.dtype, self.ln_eps)(x)
+    mask = (ids != self.pad_id).astype(jnp.float32)
+    x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, post_norm=self.post_norm,
+                       gelu_exact=self.gelu_exact, ln_eps=self.ln_eps, name="encoder")(
+                           x.astype(self.dtype), mask=None if self.causal else mask, causal=self.causal)
+    if self.pool == "cls":
+      pooled = x[:, 0]
+    elif self.pool == "mean":
+      m = mask[..., None].astype(x.dtype)
+      pooled = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    elif self.pool == "eot":
+      pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
+    else:
+      raise ValueError(f"unknown text pool {self.pool!r}; use 'cls', 'mean' or 'eot'")
+    return pooled, {"tokens": x, "mask": mask}

@@ -22,6 +22,8 @@ class ViT(nn.Module):
     patch: square patch side.
     pool: "gap" (mean of patch tokens) or "tok" (a learned [CLS] token).
     mean, std: per-channel normalisation in 0..1 units.
+    ln_pre: a LayerNorm on the embedded tokens before the transformer (CLIP has one).
+    gelu_exact, ln_eps: for loading checkpoints trained with exact GELU / another epsilon.
     dtype: compute dtype.
   """
 
@@ -33,6 +35,9 @@ class ViT(nn.Module):
   pool: str = "gap"
   mean: Sequence[float] = (0.5, 0.5, 0.5)
   std: Sequence[float] = (0.5, 0.5, 0.5)
+  ln_pre: bool = False
+  gelu_exact: bool = False
+  ln_eps: float = 1e-6
   dtype: layers.Dtype = jnp.float32
 
   @nn.compact
@@ -56,8 +61,11 @@ class ViT(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), (b, 1, 1)), x], axis=1)
     pos = self.param("pos_embedding", layers.embed_init, (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
+    if self.ln_pre:
+      x = layers.layer_norm("ln_pre", self.dtype, self.ln_eps)(x)
     patches = x
-    x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, name="encoder")(x)
+    x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype,
+                       gelu_exact=self.gelu_exact, ln_eps=self.ln_eps, name="encoder")(x)
     if self.pool == "gap":
       pooled = x.mean(axis=1)
     elif self.pool == "tok":
