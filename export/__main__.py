@@ -3,7 +3,7 @@
 Reads the run's `W/config.json`, exports the student of `--source` (default: the
 config's export section, else `distill`), verifies it, and merges the `export`
 section and `student_<format>` rows into `W/results.json`. Re-running redoes the
-export (unlike the pipeline, which skips a finished stage).
+export (unlike the pipeline, which skips a finished stage), replacing files as it writes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import sys
 
 
@@ -61,7 +60,11 @@ def main(argv=None) -> int:
   except (FileNotFoundError, config_lib.ConfigError) as err:
     print(f"export: {err}", file=sys.stderr)
     return 2
-  shutil.rmtree(os.path.join(workdir, "export"), ignore_errors=True)
+  # Forget only that the stage finished: files are overwritten one by one (atomically), so a
+  # failing re-export leaves the previous good files in place.
+  done = os.path.join(workdir, "export", train.DONE_FILE)
+  if os.path.exists(done):
+    os.remove(done)
   try:
     rec = train.export_stage(config, "export", workdir)
   except (train.StageFailed, FileNotFoundError) as err:

@@ -20,6 +20,7 @@ integer kernels would. Search is exhaustive, like the papers' phones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import struct
 import zlib
@@ -109,17 +110,20 @@ class Index:
     q = np.atleast_2d(np.asarray(query, np.float32))
     if q.shape[1] != self.rows.shape[1]:
       raise ValueError(f"query width {q.shape[1]} != index width {self.rows.shape[1]}")
-    # numpy has no fast fp16 or int8 matmul, so a float copy of the rows is made once and
-    # kept (a phone would run fp16 / int8 dot-product kernels on the stored rows instead).
-    # int8 dot products stay exact: float32 holds every sum of E products of int8s while
-    # E * 127^2 < 2^24 (E <= 1040); float64 beyond.
-    dt = np.float32 if self.dtype == "fp16" or q.shape[1] * 127 * 127 < 2**24 else np.float64
-    if getattr(self, "_rows_f", None) is None or self._rows_f.dtype != dt:
-      self._rows_f = self.rows.astype(dt)
+    rows = self._rows_float
     if self.dtype == "fp16":
-      return q @ self._rows_f.T
-    qi = np.clip(np.round(q * 127.0), -127, 127).astype(dt)
-    return (qi @ self._rows_f.T).astype(np.float32) * np.float32(self.scale / 127.0)
+      return q @ rows.T
+    qi = np.clip(np.round(q * 127.0), -127, 127).astype(rows.dtype)
+    return (qi @ rows.T).astype(np.float32) * np.float32(self.scale / 127.0)
+
+  @functools.cached_property
+  def _rows_float(self) -> np.ndarray:
+    """The rows as a float copy, made once: numpy has no fast fp16 or int8 matmul (a phone
+    runs fp16 / int8 dot-product kernels on the stored rows instead). int8 dot products stay
+    exact: float32 holds every sum of E products of int8s while E * 127^2 < 2^24 (E <= 1040),
+    float64 beyond."""
+    exact32 = self.dtype == "fp16" or self.rows.shape[1] * 127 * 127 < 2**24
+    return self.rows.astype(np.float32 if exact32 else np.float64)
 
   def search(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by dot product: (indices [Q, k], scores [Q, k]), best first."""

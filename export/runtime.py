@@ -52,7 +52,7 @@ def tflite_ops(path_or_bytes) -> list[str]:
 
 
 def non_builtin(ops: list[str]) -> list[str]:
-  return [o for o in ops if o.startswith(("CUSTOM:", "UNKNOWN_")) or o.startswith("Flex")]
+  return [o for o in ops if o.startswith(("CUSTOM:", "UNKNOWN_", "Flex"))]
 
 
 class TFLiteEncoder:
@@ -120,6 +120,7 @@ class OnnxEncoder:
     _read(path)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = num_threads
+    opts.log_severity_level = 3  # Errors only: jax2onnx graphs keep a few unused shape constants.
     try:
       self.sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
     except Exception as e:

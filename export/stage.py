@@ -58,17 +58,21 @@ def _test_data(config, limit: int | None):
   return pipeline.eval_set(config.data, stages.tokenizer(config), limit=limit)
 
 
-def representative(config, n: int, encoder: str):
-  """A callable yielding n single-example inputs from the *training* split, for int8 calibration."""
+def calibration_data(config, n: int):
+  """n images and n captions (those of the first n / 5 images) of the *training* split, for int8
+  calibration."""
   from mcad_jax import stages
   from mcad_jax.data import pipeline
 
   data = pipeline.eval_set(config.data, stages.tokenizer(config), split=config.data.train_split,
-                           limit=max(1, n // 5 if encoder == "text" else n))
-  xs = data.images.astype(np.float32) if encoder == "image" else data.texts
+                           limit=n)
+  return {"image": data.images.astype(np.float32), "text": data.texts[:n]}
 
+
+def representative(xs: np.ndarray):
+  """The converter's representative dataset: a callable yielding [one example] lists."""
   def gen():
-    for x in xs[:n]:
+    for x in xs:
       yield [x[None]]
 
   return gen
@@ -111,14 +115,11 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
 
   # Held-out parity data: the head of the test split; retrieval re-eval: the configured test set.
   test = _test_data(config, config.data.eval_limit or None)
-  held = {"image": test.images[:ecfg.parity_examples].astype(np.float32),
-          "text": test.texts[:ecfg.parity_examples]}
-  jfns = {k: jax.jit(f) for k, f in fns.items()}
-  ref = {k: np.concatenate([np.asarray(jfns[k](held[k][s:s + 64].astype(specs[k][1])))
-                            for s in range(0, len(held[k]), 64)]) for k in held}
+  test_images = test.images.astype(np.float32)
+  held = {"image": test_images[:ecfg.parity_examples], "text": test.texts[:ecfg.parity_examples]}
+  ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
+  calib = calibration_data(config, ecfg.representative_examples) if "int8" in ecfg.formats else None
 
-  # A fixed-batch variant for the JAX reference at the export batch size is not needed:
-  # the encoders are per-example functions, so batch 64 and batch 1 agree.
   sm_dir = os.path.join(out, "saved_model")
   shutil.rmtree(sm_dir, ignore_errors=True)
   convert.save_savedmodel(fns, specs, sm_dir)
@@ -128,7 +129,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   for fmt in ecfg.formats:
     for enc in convert.ENCODERS:
       fname = f"student_{enc}_{fmt}.tflite"
-      rep = representative(config, ecfg.representative_examples, enc) if fmt == "int8" else None
+      rep = representative(calib[enc]) if fmt == "int8" else None
       buf = convert.to_tflite(sm_dir, enc, fmt, rep, int8_io=ecfg.int8_io)
       ops = runtime.tflite_ops(buf)
       bad = runtime.non_builtin(ops)
@@ -163,22 +164,27 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   for w in warned:
     log.warning("Quantized file below its parity floor (kept, see report.md): %s", w)
 
-  # Retrieval with the exported encoders, on the same test set as the JAX rows.
-  retrieval = {}
-  for fmt in ecfg.reeval:
-    if ("image", fmt) not in encoders:
-      raise convert.ExportError(f"{name}.reeval names {fmt!r}, which was not exported")
-    zimg = encoders[("image", fmt)](test.images.astype(np.float32))
-    ztxt = encoders[("text", fmt)](test.texts)
-    retrieval[f"student_{fmt}"] = evaluate.recall_metrics(zimg, ztxt)
+  # Retrieval with the exported encoders, on the same test set as the JAX rows; each file
+  # embeds the test set once, for the re-eval and the gallery index alike.
+  embedded: dict[tuple[str, str], np.ndarray] = {}
+
+  def embed(enc: str, fmt: str) -> np.ndarray:
+    if (enc, fmt) not in encoders:
+      raise convert.ExportError(f"{name}: format {fmt!r} is named for re-eval or the index but was "
+                                "not exported")
+    if (enc, fmt) not in embedded:
+      embedded[(enc, fmt)] = encoders[(enc, fmt)](test_images if enc == "image" else test.texts)
+    return embedded[(enc, fmt)]
+
+  retrieval = {f"student_{fmt}": evaluate.recall_metrics(embed("image", fmt), embed("text", fmt))
+               for fmt in ecfg.reeval}
   # The gallery index: the test images, embedded by the index's image encoder.
   idx_files = {}
+  if ecfg.index_formats:
+    zimg = embed("image", ecfg.index_encoder)
+    zimg = zimg / np.linalg.norm(zimg, axis=1, keepdims=True)
   for dtype in ecfg.index_formats:
-    enc = encoders.get(("image", ecfg.index_encoder))
-    if enc is None:
-      raise convert.ExportError(f"{name}.index_encoder {ecfg.index_encoder!r} was not exported")
-    zimg = enc(test.images.astype(np.float32))
-    ix = index.Index.build(zimg / np.linalg.norm(zimg, axis=1, keepdims=True), dtype)
+    ix = index.Index.build(zimg, dtype)
     path = os.path.join(out, f"gallery_{dtype}.idx")
     ix.save(path)
     idx_files[os.path.basename(path)] = {"bytes": os.path.getsize(path), "count": len(ix)}
