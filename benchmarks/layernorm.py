@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import platform  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -44,14 +43,10 @@ def step_ms(two_pass: bool, reps: int) -> float:
       zi, zt, aux = m.apply({"params": p}, x, t)
     return losses.infonce(zi, zt, aux["logit_scale"])
 
+  from benchmarks.report import median_ms
+
   g = jax.jit(jax.grad(loss))
-  jax.block_until_ready(g(p))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(g(p))
-    ts.append(time.perf_counter() - t0)
-  return 1e3 * float(np.median(ts))
+  return median_ms(lambda: jax.block_until_ready(g(p)), reps, warmup=1)
 
 
 def main():

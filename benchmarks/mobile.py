@@ -24,22 +24,12 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
-import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from benchmarks.report import median_ms  # noqa: E402
+
 QUERY = "a large red circle to the left of a small blue square"
-
-
-def median_ms(fn, reps: int, warmup: int = 5) -> float:
-  for _ in range(warmup):
-    fn()
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return 1e3 * float(np.median(ts))
 
 
 def child(workdir: str, fmt: str) -> dict:

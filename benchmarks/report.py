@@ -1,8 +1,11 @@
-"""Writing a benchmark's table into a markdown file between its markers."""
+"""Shared by the benchmarks: a median timer, and writing a table between markers in a markdown file."""
 
 from __future__ import annotations
 
 import os
+import time
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,3 +24,18 @@ def write_section(filename: str, name: str, heading: str, body: list[str]) -> st
   with open(path, "w") as f:
     f.write(text)
   return table
+
+
+def median_ms(fn, reps: int, warmup: int = 5) -> float:
+  """Median wall time of fn() in ms over `reps` calls, after `warmup` untimed ones.
+
+  fn must block until its work is done (e.g. jax.block_until_ready).
+  """
+  for _ in range(warmup):
+    fn()
+  ts = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    fn()
+    ts.append(time.perf_counter() - t)
+  return 1e3 * float(np.median(ts))

@@ -28,7 +28,8 @@ def get_config(arg: str = ""):
     # 16 px patches on a 4x4 object grid: one object per patch at most.
     teacher = cl.model_config("nano/16", "mu", 128)
     # ln_pre (as in CLIP): a LayerNorm on the embedded patches. It keeps the residual stream's
-    # tokens at unit scale, which took the int8 image encoder from mean cosine 0.987 to 0.997.
+    # tokens at unit scale, which took the int8 image encoder from mean cosine 0.987 to 0.997
+    # (a scratch comparison of two students, RESULTS.md).
     student = cl.model_config("mu/16", "mu", 64, image_kw={"ln_pre": True})
     # The student's budget is a third of the teacher's: the regime where a teacher's
     # knowledge is worth most (DESIGN §6.1), and what keeps the demo under 15 minutes.

@@ -40,11 +40,11 @@ _TWO_PASS_LN = contextvars.ContextVar("two_pass_layer_norm", default=False)
 def two_pass_layer_norm():
   """Within this context, LayerNorms compute the variance in two passes, mean((x - mean)^2).
 
-  Training uses flax's one-pass E[x^2] - E[x]^2 (about 20% faster per teacher step on
-  CPU: benchmarks/layernorm.py). The export traces its encoders in this context: the one-pass form cancels
-  catastrophically once activations are int8 (it took the demo student's int8 text
-  encoder to cosine 0.96 vs float; 0.998 with two passes). Same parameters, and the
-  same function in float up to rounding.
+  Training uses flax's one-pass E[x^2] - E[x]^2 (about 20% faster per teacher step on CPU:
+  benchmarks/layernorm.py). The export traces its encoders in this context: the one-pass
+  form cancels catastrophically once activations are int8 (the demo student's int8 text
+  encoder: min cosine ~0.95 vs float, 0.997 with two passes; benchmarks/int8_ablation.py).
+  Same parameters, and the same function in float up to rounding.
   """
   token = _TWO_PASS_LN.set(True)
   try:
