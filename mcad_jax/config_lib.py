@@ -13,7 +13,7 @@ STAGE_KINDS = ("dual", "fusion", "distill", "export")
 REPORT_ROWS = ("teacher", "fusion_teacher", "student")
 LOSSES = ("infonce", "sigmoid")
 DTYPES = ("float32", "bfloat16")
-POOLS = ("gap", "tok")
+POOLS = ("gap", "tok", "moments")
 
 
 class ConfigError(ValueError):

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from mcad_jax import evaluate
-from mcad_jax.data import pipeline
+from mcad_jax.data import pipeline, tokenizer as tokenizers
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,15 @@ class TeacherCache:
     return cls(directory)
 
 
-def compute(config, frozen, fwd, mesh, limit: int | None = None) -> dict[str, np.ndarray]:
+def compute(config, frozen, fwd, mesh, limit: int | None = None,
+            tokenizer=None) -> dict[str, np.ndarray]:
   """Teacher outputs over the training split, in record order.
 
+  Args:
+    tokenizer: the teachers' tokenizer; defaults to the one `config.data` names.
   Returns {'v': [N, E], 't': [N, 5, E]} plus 'f': [N, 5, F] when there is a fusion teacher.
   """
-  from mcad_jax import stages
-
-  tok = stages.tokenizer(config)
+  tok = tokenizer or tokenizers.for_data(config.data)
   src = pipeline.data_source(config.data, config.data.train_split)
   ad = pipeline.adapter(config.data.tfds_name)
   n = len(src) if limit is None else min(limit, len(src))

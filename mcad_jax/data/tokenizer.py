@@ -163,3 +163,8 @@ def make(kind: str, max_len: int):
 
     return ClipTokenizer(max_len)
   raise ValueError(f"unknown tokenizer {kind!r}; known {TOKENIZERS}")
+
+
+def for_data(data_cfg):
+  """The tokenizer a data config names (`data.tokenizer`, `data.text_len`)."""
+  return make(data_cfg.get("tokenizer", "wordpiece"), data_cfg.text_len)

@@ -7,8 +7,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mcad_jax.models import layers
+
+
+def _moment_weights(gh: int, gw: int) -> np.ndarray:
+  """[3, gh*gw] constants: rows average 1, x and y (patch centres in [-1, 1], row-major)."""
+  ys, xs = np.meshgrid((np.arange(gh) + 0.5) / gh * 2 - 1, (np.arange(gw) + 0.5) / gw * 2 - 1,
+                       indexing="ij")
+  return np.stack([np.ones(gh * gw), xs.reshape(-1), ys.reshape(-1)]).astype(np.float32) / (gh * gw)
 
 
 class ViT(nn.Module):
@@ -20,7 +28,12 @@ class ViT(nn.Module):
   Attributes:
     width, depth, heads, mlp_dim: transformer size.
     patch: square patch side.
-    pool: "gap" (mean of patch tokens) or "tok" (a learned [CLS] token).
+    pool: "gap" (mean of patch tokens), "tok" (a learned [CLS] token) or "moments"
+      (the tokens' zeroth and first spatial moments: mean(h), mean(x*h), mean(y*h) with
+      x, y the patch centre in [-1, 1], concatenated). Moments make "what is where"
+      linear in the pooled vector, so a dual encoder can score "A left of B" as
+      x_B - x_A without learning a product of content and position (RESULTS.md,
+      "Binding").
     mean, std: per-channel normalisation in 0..1 units.
     ln_pre: a LayerNorm on the embedded tokens before the transformer (CLIP has one).
     gelu_exact, ln_eps: for loading checkpoints trained with exact GELU / another epsilon.
@@ -70,6 +83,10 @@ class ViT(nn.Module):
       pooled = x.mean(axis=1)
     elif self.pool == "tok":
       pooled = x[:, 0]
+    elif self.pool == "moments":
+      gh, gw = h // self.patch, w // self.patch
+      pooled = jnp.einsum("bnd,kn->bkd", x, jnp.asarray(_moment_weights(gh, gw), x.dtype))
+      pooled = pooled.reshape(b, 3 * self.width)
     else:
-      raise ValueError(f"unknown pool {self.pool!r}; use 'gap' or 'tok'")
+      raise ValueError(f"unknown pool {self.pool!r}; use 'gap', 'tok' or 'moments'")
     return pooled, {"tokens": x, "patches": patches}

@@ -1,0 +1,105 @@
+"""The `distill` stage kind: a student trained from frozen teachers by a recipe.
+
+The recipe's loss graph is `mcad_jax/distill.py`; the teachers' forward passes
+are `stages/teachers.py`; with `distill.cache` their per-example outputs come
+from the teacher-output cache instead.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mcad_jax import distill, losses, teacher_cache
+from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, teacher_scale
+from mcad_jax.stages.teachers import load_teachers, teacher_fns
+
+
+def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
+  dcfg = scfg
+  table = distill.edge_table(dcfg)
+  student = dual_model(config, scfg.model)
+  img, txt = dummy_batch(config)
+  frozen = load_teachers(config, dcfg, workdir, mesh) if distill.uses_teacher(dcfg) else None
+  mcad = dcfg.recipe == "mcad"
+  t_dim, f_dim = (distill.teacher_dims(frozen["dual"], frozen["fusion"]) if frozen is not None
+                  else (scfg.model.embed_dim, 0))
+  heads = distill.DistillHeads(t_dim, f_dim if mcad else 0, dcfg.mcad.combine)
+  fwd = teacher_fns(config, dcfg) if frozen is not None else None
+  cache = None
+  if frozen is not None and dcfg.cache:
+    cache = teacher_cache.TeacherCache.build(config, frozen, fwd, mesh)
+
+  def init(rng):
+    r1, r2 = jax.random.split(rng)
+    s = student.init(r1, img, txt)["params"]
+    e = scfg.model.embed_dim
+    h = heads.init(r2, jnp.zeros((1, e)), jnp.zeros((1, e)), jnp.zeros((1, t_dim)),
+                   jnp.zeros((1, t_dim)), jnp.zeros((1, max(f_dim, 1))))["params"]
+    return {"student": s, "heads": h}
+
+  def loss_fn(params, batch, rng, frozen):
+    del rng
+    si, st, saux = student.apply({"params": params["student"]}, batch["image"], batch["text"])
+    terms = {"logit_scale": saux["logit_scale"]}
+    if frozen is None:
+      nodes = distill.Nodes({"si": si, "st": st}, {})
+      loss, t = distill.graph_loss(nodes, table, saux["logit_scale"], dcfg.kl_temperature or 0.05,
+                                   dcfg.kl_tau_squared)
+      return loss, {**terms, **t}
+    if cache is not None:
+      tout = {k: batch[f"teacher_{k}"] for k in cache.keys}
+      tout["scale"] = teacher_scale(frozen)
+    else:
+      tout = fwd(frozen, batch["image"], batch["text"])
+    hp = params["heads"]
+    if mcad and dcfg.mcad.proj == "fixed":
+      hp = {k: (jax.lax.stop_gradient(v) if k not in ("proj_img", "proj_txt") else v)
+            for k, v in hp.items()}
+    happly = lambda method, *a: heads.apply({"params": hp}, *a, method=method)
+    psi, pst = happly(heads.student_to_teacher, si, st)
+    ti, tt, tsim = tout["v"], tout["t"], None
+    loss = 0.0
+    if mcad and dcfg.mcad.mode == "matched":
+      ti, tt = happly(heads.modify, tout["v"], tout["t"], tout["f"], dcfg.mcad.alpha)
+      if dcfg.mcad.proj == "learned" and dcfg.mcad.proj_contrastive > 0:
+        aux = losses.infonce(ti, tt, tout["scale"])
+        terms["loss/mcad_teacher_infonce"] = aux
+        loss = dcfg.mcad.proj_contrastive * aux
+    elif mcad:  # all_pairs
+      itok, ttok, tmask = tout["tokens"]
+
+      def itm_fn(rows, cols):
+        r, c = rows.reshape(-1), cols.reshape(-1)
+        return fwd.fuse(frozen, itok[r], ttok[c], tmask[c])[1].reshape(rows.shape)
+
+      tsim = jax.lax.stop_gradient(
+          distill.mcad_teacher_sim(tout["v"], tout["t"], itm_fn, dcfg.mcad.itm_weight, dcfg.mcad.topk))
+    nodes = distill.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {"si": psi, "st": pst}, tsim)
+    tau = dcfg.kl_temperature or 1.0 / tout["scale"]
+    gl, t = distill.graph_loss(nodes, table, saux["logit_scale"], tau, dcfg.kl_tau_squared)
+    return loss + gl, {**terms, **t}
+
+  update_mask = None
+  if dcfg.recipe == "conaclip" and dcfg.conaclip.schedule == "two_stage":
+    half = scfg.steps // 2
+    img_side = ("img", "img_head", "proj_img", "log_scale", "bias")
+
+    def update_mask(step, params):
+      first = (step < half).astype(jnp.float32)
+
+      def one(path, x):
+        from mcad_jax.sharding import path_str
+
+        name = path_str(path)
+        image_part = any(f"/{k}" in f"/{name}" for k in img_side)
+        return jnp.where(image_part, first, 1.0 - first) * jnp.ones_like(x)
+
+      return jax.tree_util.tree_map_with_path(one, params)
+
+  keys = ("image", "text") + (tuple(f"teacher_{k}" for k in cache.keys) if cache else ())
+  return Stage(
+      init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask, batch_keys=keys,
+      load_init=pretrained_init(config, scfg, student, under="student"),
+      host_fn=cache.lookup if cache else None,
+      evaluate=lambda params, mesh: eval_dual(config, student, params["student"], mesh, scfg.report_as))

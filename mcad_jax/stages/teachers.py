@@ -1,0 +1,98 @@
+"""Frozen teachers for distillation: their models, their params, their forward passes.
+
+Shared by the distill stage (online teachers) and the teacher-output cache,
+which runs the same forward passes once over the training split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from mcad_jax import distill
+from mcad_jax.models.fusion import image_context
+from mcad_jax.stages.common import abstract_params, dual_model, dummy_batch, restore_params, teacher_scale
+from mcad_jax.stages.fusion import fusion_model
+
+
+def teacher_models(config, dcfg):
+  """(dual teacher TwoTower, fusion FusionTeacher or None) from the named stages' configs."""
+  dual = dual_model(config, config[dcfg.teachers.dual].model)
+  fusion = None
+  if distill.needs_fusion(dcfg):
+    fusion = fusion_model(config, config[dcfg.teachers.fusion])
+  return dual, fusion
+
+
+def load_teachers(config, dcfg, workdir: str, mesh):
+  """Frozen teacher params {'dual': ..., 'fusion': ... or None}, sharded like training state."""
+  dual, fusion = teacher_models(config, dcfg)
+  img, txt = dummy_batch(config)
+  out = {"dual": restore_params(
+      config, workdir, dcfg.teachers.dual,
+      abstract_params(lambda r: dual.init(r, img, txt)["params"], mesh, config)), "fusion": None}
+  if fusion is not None:
+    out["fusion"] = restore_params(
+        config, workdir, dcfg.teachers.fusion,
+        abstract_params(lambda r: fusion.init(r, img, txt)["params"], mesh, config))
+  return out
+
+
+def fusion_shares_dual_towers(config, dcfg) -> bool:
+  """True when the fusion teacher's towers are the dual teacher's, frozen: reuse its tokens."""
+  f = config[dcfg.teachers.fusion].fusion
+  return bool(f.freeze_towers and f.towers_from == dcfg.teachers.dual)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFns:
+  """Frozen-teacher forward passes, split so the cache can encode each image once.
+
+  image(frozen, images) -> (v, fusion image tokens or None)
+  text(frozen, ids) -> (t, (fusion text tokens, mask) or None)
+  fuse(frozen, img_tokens, txt_tokens, txt_mask) -> (f, itm)
+  """
+
+  image: Callable
+  text: Callable
+  fuse: Callable | None
+  fusion: Any
+
+  def __call__(self, frozen, images, ids):
+    """Online outputs for row-aligned pairs: {'v', 't', 'scale'} (+ 'f', 'itm', 'tokens')."""
+    v, itok = self.image(frozen, images)
+    t, ttok = self.text(frozen, ids)
+    out = {"v": v, "t": t, "scale": teacher_scale(frozen)}
+    if self.fuse is not None:
+      out["f"], out["itm"] = self.fuse(frozen, itok, *ttok)
+      out["tokens"] = (itok, *ttok)
+    return jax.lax.stop_gradient(out)
+
+
+def teacher_fns(config, dcfg) -> TeacherFns:
+  dual, fusion = teacher_models(config, dcfg)
+  with_fusion = fusion is not None and distill.needs_fusion(dcfg)
+  share = with_fusion and fusion_shares_dual_towers(config, dcfg)
+
+  def image(frozen, images):
+    v, aux = dual.apply({"params": frozen["dual"]}, images, method=dual.encode_image)
+    if not with_fusion:
+      return v, None
+    if not share:
+      _, aux = fusion.apply({"params": frozen["fusion"]}, images, method=fusion.encode_image)
+    return v, image_context(aux, fusion.context)
+
+  def text(frozen, ids):
+    t, aux = dual.apply({"params": frozen["dual"]}, ids, method=dual.encode_text)
+    if not with_fusion:
+      return t, None
+    if not share:
+      _, aux = fusion.apply({"params": frozen["fusion"]}, ids, method=fusion.encode_text)
+    return t, (aux["tokens"], aux["mask"])
+
+  def fuse(frozen, itok, ttok, tmask):
+    return fusion.apply({"params": frozen["fusion"]}, itok, ttok, tmask, method=fusion.pair)
+
+  return TeacherFns(image, text, fuse if with_fusion else None, fusion)
