@@ -24,6 +24,13 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
+# Rows: (name, recipe, distill overrides). Every distilling recipe gets the same hard columns
+# (each image's canonical caption and its twins, scored by its own teacher); the student
+# alone is shown without them and with them as hard negatives (NegCLIP-style).
+ROWS = (("student_only", "student_only", {"hard_columns": False}),
+        ("student_only+twins", "student_only", {}),
+        ("clip_kd", "clip_kd", {}), ("tinyclip", "tinyclip", {}), ("conaclip", "conaclip", {}),
+        ("mcad", "mcad", {}))
 
 
 def run(config, workdir):
@@ -82,7 +89,7 @@ def main():
   ap.add_argument("--out", default="workdirs/recipes")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--steps", type=int, default=None)
-  ap.add_argument("--recipes", nargs="+", default=None)
+  ap.add_argument("--recipes", nargs="+", default=None, help=f"rows to run: {[r[0] for r in ROWS]}")
   ap.add_argument("--write", action="store_true")
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a distill field for every run, e.g. mcad.alpha=0.3 or "
@@ -93,7 +100,7 @@ def main():
   args = ap.parse_args()
 
   from configs import shapes
-  from mcad_jax import distill, main as mcad_main
+  from mcad_jax import main as mcad_main
 
   mcad_main.setup_logging()
   t0 = time.time()
@@ -101,18 +108,21 @@ def main():
   base.stages = ("teacher", "fusion_teacher")
   teachers = run(base, args.teachers)  # Skips what is already finished.
   rows: dict[str, list[dict]] = {}
-  for recipe in args.recipes or distill.RECIPES:
+  for name, recipe, fixed in ROWS:
+    if args.recipes and name not in args.recipes:
+      continue
     for seed in args.seeds:
       cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
+      cfg.distill.update(fixed)
       tag = apply_overrides(cfg.distill, args.set)
-      out = os.path.join(args.out, f"{recipe}{tag}_seed{seed}")
+      out = os.path.join(args.out, f"{name}{tag}_seed{seed}")
       if args.collect and not os.path.exists(os.path.join(out, "distill", "done.json")):
         continue
       res = run(cfg, out)
-      rows.setdefault(recipe, []).append(
+      rows.setdefault(name, []).append(
           {**res["retrieval"]["student"], **res["hard_negatives"].get("student", {}),
            "seconds": res["stages"]["distill"]["seconds"]})
-      print(recipe, seed, json.dumps(rows[recipe][-1]), flush=True)
+      print(name, seed, json.dumps(rows[name][-1]), flush=True)
   minutes = (time.time() - t0) / 60
 
   steps = args.steps or base.distill.steps

@@ -5,15 +5,22 @@ teacher towers) -> distill (the MCAD student) -> export (TFLite fp32/fp16/
 dynamic/int8 and ONNX, verified against JAX, plus the gallery index).
 
   python -m mcad_jax.main --config=configs/shapes.py --workdir=workdirs/demo        # demo
+  python -m mcad_jax.main --config=configs/shapes.py:teachers --workdir=workdirs/t  # retrain teachers
   python -m mcad_jax.main --config=configs/shapes.py:smoke --workdir=workdirs/smoke # < 3 min
 
-Variants: `demo` (default) and `smoke`. Any recipe:
-  --config.distill.recipe=conaclip   (student_only, clip_kd, tinyclip, conaclip, mcad)
+Variants:
+- `demo` (default): starts the teacher and fusion-teacher stages from the weights
+  shipped in `mcad_jax/weights/shapes/` (as real users start from pretrained CLIP
+  and ALBEF), evaluates them, then trains the student and exports it;
+- `teachers`: trains those two teachers from scratch, as shipped (the fusion
+  teacher needs more steps than the demo's 15 minutes allow);
+- `smoke`: the whole pipeline on the tiny dataset, teachers trained in it.
+Any recipe: --config.distill.recipe=conaclip (student_only, clip_kd, tinyclip, conaclip, mcad).
 """
 
 import copy
 
-from mcad_jax import config_lib as cl
+from mcad_jax import config_lib as cl, shipped
 
 
 def get_config(arg: str = ""):
@@ -21,45 +28,54 @@ def get_config(arg: str = ""):
   c = cl.base_config()
   c.name = f"shapes:{variant}"
   c.stages = ("teacher", "fusion_teacher", "distill", "export")
-  c.data.hard_negatives = True  # Relation/attribute twins of training captions, for the fusion ITM.
-  if variant == "demo":
+  c.data.hard_negatives = True  # Relation/attribute twins of each scene, for binding.
+  if variant in ("demo", "teachers"):
     c.data.tfds_name = "shapes/default"
     c.data.image_size, c.data.text_len = 64, 24
     # 16 px patches on a 4x4 object grid: one object per patch at most.
     teacher = cl.model_config("nano/16", "mu", 128)
-    # ln_pre (as in CLIP): a LayerNorm on the embedded patches. It keeps the residual stream's
-    # tokens at unit scale, which took the int8 image encoder from mean cosine 0.987 to 0.997
-    # (a scratch comparison of two students, RESULTS.md).
-    student = cl.model_config("mu/16", "mu", 64, image_kw={"ln_pre": True})
-    # The student's budget is a third of the teacher's: the regime where a teacher's
-    # knowledge is worth most (DESIGN §6.1), and what keeps the demo under 15 minutes.
-    # Fusion: 300 steps and re-ranking the top 5 keep the whole demo, export and first-run
-    # dataset preparation included, under 15 minutes (400 steps / top 10 took 15.7 min).
-    steps = dict(teacher=1500, fusion=300, student=500)
-    fusion = dict(size="mu", depth=2, context="patches", rerank_k=5)
-    batch, lr = 128, 1e-3
+    # The student reads where things are linearly (ViT and text 'moments' pooling:
+    # RESULTS.md, "Binding"); ln_pre (as in CLIP) keeps its int8 image encoder close to float.
+    student = cl.model_config("mu/16", "mu", 64, pool="moments", image_kw={"ln_pre": True},
+                              text_kw={"pool": "moments"})
+    steps = dict(teacher=1500, fusion=3000, student=1500)
+    # The fusion teacher that learns binding (DESIGN §6.3): its own CoordConv image tokens, word
+    # embeddings (not the bag-of-words-trained text tower's outputs),
+    # candidates competing in one softmax (caption vs mined captions, canonical caption vs
+    # its twins), batch 64.
+    fusion = dict(size="mu", depth=2, context="conv", text_source="embed", loss="softmax",
+                  negatives=2, rerank_k=10)
+    batch, lr, fusion_batch = 128, 1e-3, 64
     c.log_every, c.ckpt_every = 50, 250
   elif variant == "smoke":
     c.data.tfds_name = "shapes/tiny"
     c.data.image_size, c.data.text_len = 32, 16
     teacher = cl.model_config("mu/8", "mu", 64)
-    student = cl.model_config("mu/16", "mu", 32, image_kw={"depth": 1, "ln_pre": True})
+    student = cl.model_config("mu/16", "mu", 32, pool="moments",
+                              image_kw={"depth": 1, "ln_pre": True}, text_kw={"pool": "moments"})
     steps = dict(teacher=60, fusion=30, student=60)
-    fusion = dict(size="mu", depth=1, context="patches")
-    batch, lr = 64, 2e-3
+    fusion = dict(size="mu", depth=1, context="conv", text_source="embed", loss="softmax",
+                  negatives=2)
+    batch, lr, fusion_batch = 64, 2e-3, 32
     c.log_every, c.ckpt_every = 10, 30
   else:
-    raise ValueError(f"unknown shapes variant {variant!r}; use '', 'demo' or 'smoke'")
+    raise ValueError(f"unknown shapes variant {variant!r}; use '', 'demo', 'teachers' or 'smoke'")
   warm = lambda n: max(1, n // 15)
   c.teacher = cl.stage_config(teacher, steps=steps["teacher"], batch_size=batch, lr=lr,
                               warmup_steps=warm(steps["teacher"]))
   c.fusion_teacher = cl.fusion_stage_config(
-      copy.deepcopy(teacher), towers_from="teacher", steps=steps["fusion"], batch_size=batch,
+      copy.deepcopy(teacher), towers_from="teacher", steps=steps["fusion"], batch_size=fusion_batch,
       lr=lr, warmup_steps=warm(steps["fusion"]))
   c.fusion_teacher.fusion.update(fusion)
   c.distill = cl.distill_stage_config(student, recipe="mcad", steps=steps["student"],
                                       batch_size=batch, lr=lr, warmup_steps=warm(steps["student"]))
+  c.distill.hard_columns = True
   c.export = cl.export_stage_config("distill")
+  if variant == "teachers":
+    c.stages = ("teacher", "fusion_teacher")
+  if variant == "demo":
+    c.teacher.weights = shipped.path("shapes", "teacher")
+    c.fusion_teacher.weights = shipped.path("shapes", "fusion_teacher")
   if variant == "smoke":
     c.export.formats = ("fp32", "int8")
     c.export.representative_examples, c.export.parity_examples = 200, 64

@@ -87,7 +87,13 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       depth=2,               # number of fusion layers (0 = the preset's)
       towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
       freeze_towers=True,
-      context="patches",     # image tokens to cross-attend: 'tokens', 'patches' (pre-transformer) or 'both'
+      context="patches",     # image tokens: 'tokens', 'patches' (pre-transformer), 'both', or 'conv'
+                             # (own CoordConv stem with 2D positions; models/fusion.py)
+      text_source="tower",   # text tokens: the text tower's outputs ('tower') or word embeddings ('embed')
+      loss="itm",            # 'itm' (ALBEF: BCE per pair) or 'softmax' (candidates compete; DESIGN §6.3)
+      negatives=2,           # softmax loss: mined negatives per query (and extra twin-softmax columns)
+      twin_weight=1.0,       # softmax loss: weight of the twin term (canonical caption vs its twins)
+      curriculum=(),         # (until_step, max_objects, 'relation,attribute') phases; mcad_jax/curriculum.py
       itc_weight=1.0,        # InfoNCE on the towers when they are trained
       twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
       rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM
@@ -108,6 +114,11 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   c.kl_temperature = 0.0    # 0 = the dual teacher's learned temperature
   c.kl_tau_squared = False  # Hinton's tau^2 factor on KL terms (vanishes at small tau)
   c.cache = False           # read teacher outputs from the per-example cache
+  # Hard columns (shapes): each image's canonical caption and its relation / attribute twins,
+  # scored by the recipe's teacher (MCAD: + itm_weight * the fusion ITM logit) and distilled
+  # by KL over those columns; with no teacher (student_only) they are hard negatives.
+  c.hard_columns = False
+  c.hard_weight = 1.0
   c.mcad = ml_collections.ConfigDict(dict(
       mode="matched",       # 'matched': fuse f_ii into v_i, t_i; 'all_pairs': + b * ITM_ij on top-k
       combine="add",        # 'add' | 'concat' | 'gate'
@@ -266,8 +277,25 @@ def _validate_fusion(config, name, s) -> None:
     raise ConfigError(f"{name}.fusion.size", str(e)) from None
   _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
   _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
-  _need(f.context in ("tokens", "patches", "both"), f"{name}.fusion.context",
-        f"unknown context {f.context!r}; known ('tokens', 'patches', 'both')")
+  from mcad_jax import curriculum
+  from mcad_jax.models import fusion
+
+  _need(f.context in fusion.CONTEXTS, f"{name}.fusion.context",
+        f"unknown context {f.context!r}; known {fusion.CONTEXTS}")
+  _need(f.text_source in fusion.TEXT_SOURCES, f"{name}.fusion.text_source",
+        f"unknown text_source {f.text_source!r}; known {fusion.TEXT_SOURCES}")
+  _need(f.loss in ("itm", "softmax"), f"{name}.fusion.loss",
+        f"unknown loss {f.loss!r}; use 'itm' or 'softmax'")
+  _need(f.negatives >= 1, f"{name}.fusion.negatives", f"must be >= 1, got {f.negatives}")
+  _need(f.negatives < s.batch_size, f"{name}.fusion.negatives",
+        f"must be < batch_size {s.batch_size}, got {f.negatives}")
+  try:
+    curriculum.validate(f.curriculum)
+  except ValueError as e:
+    raise ConfigError(f"{name}.fusion.curriculum", str(e)) from None
+  if f.curriculum:
+    _need(config.data.get("hard_negatives", False), f"{name}.fusion.curriculum",
+          "a curriculum needs data.hard_negatives (shapes' object counts and twins)")
   if f.towers_from:
     _stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
     _need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",
@@ -320,6 +348,9 @@ def _validate_distill(config, name, s) -> None:
     _stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
   if distill.needs_fusion(s):
     _stage_ref(config, name, f"{name}.teachers.fusion", s.teachers.fusion, "fusion")
+  if s.hard_columns:
+    _need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
+          "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
   if s.cache:
     _need(not config.data.augment, f"{name}.cache", "the teacher cache needs data.augment=False")
     _need(not (s.recipe == "mcad" and m.mode == "all_pairs"), f"{name}.cache",

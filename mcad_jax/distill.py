@@ -217,3 +217,50 @@ def teacher_dims(dual_params: Any, fusion_params: Any | None) -> tuple[int, int]
   e = dual_params["img_head"]["kernel"].shape[-1]
   f = fusion_params["fusion"]["txt_in"]["kernel"].shape[-1] if fusion_params is not None else 0
   return int(e), int(f)
+
+
+# ----------------------------------------------------------------------------- hard columns
+
+# Each image's hard captions (shapes): its canonical two-object caption, then the twins.
+HARD_COLUMNS = ("true", "relation", "attribute")
+
+
+def hard_valid(batch) -> tuple[jax.Array, jax.Array]:
+  """([B, 3] valid hard columns, [B] row weights): a row counts if it has a twin."""
+  tv = batch["hn_true_valid"]
+  valid = jnp.stack([tv] + [batch[f"hn_{k}_valid"] & tv for k in HARD_COLUMNS[1:]], 1)
+  return valid, (jnp.sum(valid, 1) >= 2).astype(jnp.float32)
+
+
+def hard_accuracy(logits: jax.Array, valid: jax.Array) -> jax.Array:
+  """Share of valid twins that score below their canonical caption (training-batch hn accuracy)."""
+  twins = valid[:, 1:]
+  wins = (logits[:, :1] > logits[:, 1:]) & twins
+  return jnp.sum(wins) / jnp.maximum(jnp.sum(twins), 1)
+
+
+def teacher_hard_logits(tout: dict, batch: dict, fwd, frozen, cached: bool,
+                        itm_weight: float) -> jax.Array:
+  """[B, 3] teacher logits of each image's hard captions: scale * v.t (+ itm_weight * ITM).
+
+  The dual teacher's similarity for every recipe; MCAD adds the fusion teacher's
+  match logit (`itm_weight` > 0), the all-pairs reading of the modified teacher
+  restricted to these columns. From the cache (`teacher_hard_t`, `teacher_hard_itm`)
+  or computed online from the batch's hard caption ids.
+  """
+  if cached:
+    t_hard = tout["hard_t"]                                        # [B, 3, E]
+    itm = tout.get("hard_itm")
+  else:
+    ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD_COLUMNS])
+    t, ttok = fwd.text(frozen, ids)
+    b = tout["v"].shape[0]
+    t_hard = t.reshape(len(HARD_COLUMNS), b, -1).swapaxes(0, 1)
+    itm = None
+    if itm_weight and fwd.fuse is not None:
+      itok = jnp.concatenate([tout["tokens"][0]] * len(HARD_COLUMNS))
+      itm = fwd.fuse(frozen, itok, *ttok)[1].reshape(len(HARD_COLUMNS), b).T
+  logits = tout["scale"] * jnp.einsum("be,bce->bc", tout["v"], t_hard)
+  if itm_weight and itm is not None:
+    logits = logits + itm_weight * itm
+  return jax.lax.stop_gradient(logits)

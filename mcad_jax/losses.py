@@ -90,3 +90,61 @@ def sample_hard_negatives(sim: jax.Array, rng: jax.Array) -> jax.Array:
   """For each row, an off-diagonal column drawn with probability softmax(sim row) (ALBEF)."""
   masked = jnp.where(jnp.eye(sim.shape[0], dtype=bool), -1e9, sim.astype(jnp.float32))
   return jax.random.categorical(rng, masked, axis=-1)
+
+
+def candidate_softmax(logits: jax.Array, valid: jax.Array,
+                      weights: jax.Array | None = None) -> jax.Array:
+  """Cross-entropy of column 0 against the other valid columns of each row.
+
+  Each row scores one query against its own candidate list (the true match in
+  column 0, then hard negatives such as relation / attribute twins and mined
+  neighbours), so the candidates compete in one softmax instead of being judged
+  one at a time (ITM's BCE). Invalid columns take no probability; rows with a
+  zero weight, or an invalid column 0, do not count.
+
+  Args:
+    logits: [N, C] match scores.
+    valid: [N, C] bool.
+    weights: [N] row weights (default 1).
+  Returns:
+    Scalar: weighted mean over counted rows of -log softmax(logits)[:, 0].
+  """
+  valid = valid.astype(bool)
+  masked = jnp.where(valid, logits.astype(jnp.float32), -1e9)
+  per = -jax.nn.log_softmax(masked, axis=-1)[:, 0]
+  w = valid[:, 0].astype(jnp.float32)
+  if weights is not None:
+    w = w * weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def gumbel_top_k(scores: jax.Array, rng: jax.Array, k: int) -> jax.Array:
+  """[N, k] off-diagonal column indices per row, drawn without replacement with
+  probability proportional to softmax(scores row) (Gumbel top-k; ALBEF's mining, k at once)."""
+  g = -jnp.log(-jnp.log(jax.random.uniform(rng, scores.shape, minval=1e-9, maxval=1.0)))
+  masked = jnp.where(jnp.eye(scores.shape[0], scores.shape[1], dtype=bool), -1e9,
+                     scores.astype(jnp.float32) + g)
+  return jax.lax.top_k(masked, k)[1]
+
+
+def kl_candidates(teacher_logits: jax.Array, student_logits: jax.Array, valid: jax.Array,
+                  weights: jax.Array | None = None) -> jax.Array:
+  """KL(softmax(teacher) || softmax(student)) over each row's valid candidate columns.
+
+  The distillation counterpart of `candidate_softmax`: rows are images, columns
+  their hard captions (the canonical caption and its twins), scored by both
+  models; invalid columns take no probability.
+
+  Args:
+    teacher_logits, student_logits: [N, C].
+    valid: [N, C] bool; rows with fewer than two valid columns do not count.
+    weights: [N] row weights (default 1).
+  """
+  valid = valid.astype(bool)
+  lt = jax.nn.log_softmax(jnp.where(valid, teacher_logits.astype(jnp.float32), -1e9), axis=-1)
+  ls = jax.nn.log_softmax(jnp.where(valid, student_logits.astype(jnp.float32), -1e9), axis=-1)
+  per = jnp.sum(jnp.where(valid, jnp.exp(lt) * (lt - ls), 0.0), axis=-1)
+  w = (jnp.sum(valid, axis=-1) >= 2).astype(jnp.float32)
+  if weights is not None:
+    w = w * weights.astype(jnp.float32)
+  return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)

@@ -30,10 +30,10 @@ from mcad_jax.data import pipeline, tokenizer as tokenizers
 log = logging.getLogger(__name__)
 
 
-def fingerprint(config, frozen) -> str:
+def fingerprint(config, frozen, hard: bool = False) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([config.data.tfds_name, config.data.train_split, config.data.image_size,
-                       config.data.text_len]).encode())
+                       config.data.text_len] + (["hard"] if hard else [])).encode())
   for leaf in jax.tree.leaves(frozen):
     h.update(np.asarray(jax.device_get(leaf)).tobytes())
   return h.hexdigest()[:16]
@@ -52,6 +52,8 @@ class TeacherCache:
     with open(os.path.join(directory, "meta.json")) as f:
       self.meta = json.load(f)
     self.keys = tuple(self.meta["keys"])
+    # Keys with one row per (example, caption); the rest have one row per example.
+    self.per_caption = tuple(self.meta.get("per_caption", ("t", "f")))
     self.arrays = {k: np.load(os.path.join(directory, f"{k}.npy"), mmap_mode="r") for k in self.keys}
     self.directory = directory
 
@@ -60,27 +62,31 @@ class TeacherCache:
     idx, cap = batch["index"], batch["cap"]
     out = dict(batch)
     for k, arr in self.arrays.items():
-      out[f"teacher_{k}"] = np.asarray(arr[idx] if arr.ndim == 2 else arr[idx, cap])
+      out[f"teacher_{k}"] = np.asarray(arr[idx, cap] if k in self.per_caption else arr[idx])
     return out
 
   @classmethod
-  def build(cls, config, frozen, fwd, mesh) -> TeacherCache:
-    """Loads the cache for these teachers, computing it first if it is missing."""
+  def build(cls, config, frozen, fwd, mesh, hard: bool = False) -> TeacherCache:
+    """Loads the cache for these teachers, computing it first if it is missing.
+
+    With `hard`, it also holds each example's hard captions' teacher outputs
+    (`hard_t`, and `hard_itm` with a fusion teacher; see distill.teacher_hard_logits).
+    """
     if config.data.augment:
       raise ValueError("the teacher cache needs deterministic preprocessing: set data.augment=False")
-    directory = os.path.join(cache_root(config), fingerprint(config, frozen))
+    directory = os.path.join(cache_root(config), fingerprint(config, frozen, hard))
     if os.path.exists(os.path.join(directory, "meta.json")):
       log.info("Teacher cache: %s", directory)
       return cls(directory)
     t0 = time.time()
-    arrays = compute(config, frozen, fwd, mesh)
+    arrays = compute(config, frozen, fwd, mesh, hard=hard)
     if jax.process_index() == 0:
       tmp = directory + f".tmp{os.getpid()}"
       os.makedirs(tmp, exist_ok=True)
       for k, a in arrays.items():
         np.save(os.path.join(tmp, f"{k}.npy"), a)
       with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump({"keys": list(arrays), "examples": int(len(arrays["v"])),
+        json.dump({"keys": list(arrays), "per_caption": ["t", "f"], "examples": int(len(arrays["v"])),
                    "seconds": time.time() - t0}, f)
       if os.path.exists(directory):
         shutil.rmtree(directory)
@@ -92,12 +98,13 @@ class TeacherCache:
     return cls(directory)
 
 
-def compute(config, frozen, fwd, mesh, limit: int | None = None,
-            tokenizer=None) -> dict[str, np.ndarray]:
+def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
+            hard: bool = False) -> dict[str, np.ndarray]:
   """Teacher outputs over the training split, in record order.
 
   Args:
     tokenizer: the teachers' tokenizer; defaults to the one `config.data` names.
+    hard: also the hard captions' outputs: 'hard_t' [N, 3, E] (+ 'hard_itm' [N, 3]).
   Returns {'v': [N, E], 't': [N, 5, E]} plus 'f': [N, 5, F] when there is a fusion teacher.
   """
   tok = tokenizer or tokenizers.for_data(config.data)
@@ -106,10 +113,12 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None,
   n = len(src) if limit is None else min(limit, len(src))
   bs = config.eval_batch_size
   c = pipeline.NUM_EVAL_CAPTIONS
-  outs: dict[str, list[np.ndarray]] = {"v": [], "t": [], "f": []}
+  outs: dict[str, list[np.ndarray]] = {"v": [], "t": [], "f": [], "hard_t": [], "hard_itm": []}
+  from mcad_jax.distill import HARD_COLUMNS
   img_fn = lambda p, x: fwd.image(p, x)
   txt_fn = lambda p, x: fwd.text(p, x)
   fuse_fn = lambda p, it, tt, tm: fwd.fuse(p, it, tt, tm)[0]  # One object: one compile.
+  itm_fn = lambda p, it, tt, tm: fwd.fuse(p, it, tt, tm)[1]
   for s in range(0, n, bs):
     exs = [src[i] for i in range(s, min(n, s + bs))]
     images = np.stack([pipeline.resize_crop(e["image"], config.data.image_size, None) for e in exs])
@@ -125,4 +134,13 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None,
       f = evaluate.batched_pairs(fuse_fn, frozen, itok, ttok[0], ttok[1], rows,
                                  np.arange(len(rows)), bs * c)
       outs["f"].append(f.reshape(len(exs), c, -1))
+    if hard:
+      hids = tok.encode_batch([pipeline._as_str(e[f"hn_{k}"]) for k in HARD_COLUMNS for e in exs])
+      th, htok = evaluate.embed_all(txt_fn, frozen, hids, bs * 3, mesh)
+      outs["hard_t"].append(np.asarray(th).reshape(3, len(exs), -1).swapaxes(0, 1))
+      if fwd.fuse is not None:
+        rows = np.tile(np.arange(len(exs)), 3)
+        itm = evaluate.batched_pairs(itm_fn, frozen, itok, htok[0], htok[1], rows,
+                                     np.arange(len(rows)), bs * 3)
+        outs["hard_itm"].append(itm.reshape(3, len(exs)).T)
   return {k: np.concatenate(v).astype(np.float32) for k, v in outs.items() if v}

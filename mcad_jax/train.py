@@ -98,6 +98,8 @@ def _grads(loss_fn, params, batch, rng, frozen, accum: int):
 def train_step(state, batch, frozen, *, loss_fn, tx, schedule, accum, base_rng, update_mask=None):
   """One optimizer update. `state` is donated by the caller's jit; `frozen` is read only."""
   rng = jax.random.fold_in(base_rng, state["step"])
+  # The step reaches the loss for schedules inside it (e.g. a curriculum).
+  loss_fn = functools.partial(loss_fn, step=state["step"])
   loss, terms, grads = _grads(loss_fn, state["params"], batch, rng, frozen, accum)
   updates, opt = tx.update(grads, state["opt"], state["params"])
   if update_mask is not None:

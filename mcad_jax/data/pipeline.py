@@ -157,6 +157,8 @@ class TrainPreprocess:
         s = _as_str(ex[f"hn_{k}"])
         out[f"hn_{k}"] = self.tok.encode(s)
         out[f"hn_{k}_valid"] = np.bool_(bool(s))
+      out["num_objects"] = np.int32(ex["num_objects"])
+      out["hn_cells"] = np.asarray(ex["hn_cells"], np.int32)
     return out
 
 

@@ -231,11 +231,18 @@ def hard_negatives(objs: list[Obj]) -> tuple[str, str, str]:
 
 
 def example(spec: SceneSpec, seed: int, split: str, index: int) -> dict:
-  """The `index`-th example of `split`: image, 5 captions and hard-negative twins."""
+  """The `index`-th example of `split`: image, 5 captions and hard-negative twins.
+
+  Also `num_objects` (for curricula over scene complexity) and `hn_cells`, the grid
+  cells (row * grid + col) of the two objects the hard-negative captions name (-1 if
+  there are fewer), for grounding losses.
+  """
   rng = np.random.default_rng([seed, SPLITS[split], index])
   objs = sample_objects(spec, rng)
   img = render(spec, objs, rng)
   caps = captions(objs, rng)
   true, rel_twin, attr_twin = hard_negatives(objs)
+  cells = [o.row * spec.grid + o.col for o in objs[:2]] + [-1] * (2 - min(2, len(objs)))
   return {"image": img, "captions": caps, "hn_true": true,
-          "hn_relation": rel_twin, "hn_attribute": attr_twin}
+          "hn_relation": rel_twin, "hn_attribute": attr_twin,
+          "num_objects": np.int32(len(objs)), "hn_cells": np.asarray(cells, np.int32)}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from mcad_jax.data import scenes
@@ -56,8 +57,9 @@ BUILDER_CONFIGS = [
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of coloured shapes with 5 captions each."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "First release."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "First release.",
+                   "1.1.0": "num_objects and hn_cells (the twins' objects' grid cells)."}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "default"
 
@@ -71,6 +73,9 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
             "hn_true": tfds.features.Text(),
             "hn_relation": tfds.features.Text(),
             "hn_attribute": tfds.features.Text(),
+            "num_objects": tfds.features.Scalar(dtype=np.int32),
+            # Grid cells (row * grid + col) of the two objects hn_true names; -1 if absent.
+            "hn_cells": tfds.features.Tensor(shape=(2,), dtype=np.int32),
         }),
         supervised_keys=None,
         description="Synthetic captioned scenes; see mcad_jax/data/scenes.py.",

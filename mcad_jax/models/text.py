@@ -24,7 +24,11 @@ class TextTransformer(nn.Module):
   Attributes:
     vocab_size, max_len: token table and position table sizes.
     width, depth, heads, mlp_dim: transformer size.
-    pool: 'cls' (position 0), 'mean' (masked mean) or 'eot' (argmax of ids).
+    pool: 'cls' (position 0), 'mean' (masked mean), 'eot' (argmax of ids) or 'moments'
+      (masked mean of the tokens and their first positional moment, mean(h * (p - mean p))
+      with p in [-1, 1] along the sequence, concatenated): word order becomes linear in
+      the pooled vector ("A left of B" vs "B left of A"), as the ViT's 'moments' pool does
+      for image positions.
     post_norm, gelu_exact, ln_eps, causal: see above.
     pad_id: id of padding (mask = ids != pad_id; CLIP pads with 0 too).
     dtype: compute dtype.
@@ -63,8 +67,14 @@ class TextTransformer(nn.Module):
     elif self.pool == "mean":
       m = mask[..., None].astype(x.dtype)
       pooled = jnp.sum(x * m, axis=1) / jnp.maximum(jnp.sum(m, axis=1), 1.0)
+    elif self.pool == "moments":
+      m = mask[..., None].astype(x.dtype)
+      n = jnp.maximum(jnp.sum(m, axis=1), 1.0)
+      p = jnp.linspace(-1.0, 1.0, ids.shape[-1], dtype=x.dtype)[None, :, None]
+      p = p - jnp.sum(p * m, axis=1, keepdims=True) / n[:, None]
+      pooled = jnp.concatenate([jnp.sum(x * m, axis=1) / n, jnp.sum(x * m * p, axis=1) / n], -1)
     elif self.pool == "eot":
       pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
     else:
-      raise ValueError(f"unknown text pool {self.pool!r}; use 'cls', 'mean' or 'eot'")
+      raise ValueError(f"unknown text pool {self.pool!r}; use 'cls', 'mean', 'eot' or 'moments'")
     return pooled, {"tokens": x, "mask": mask}

@@ -30,7 +30,8 @@ class Stage:
 
   Attributes:
     init: rng -> params (pure; jitted with sharded outputs).
-    loss_fn: (params, batch, rng, frozen) -> (loss, {name: scalar}).
+    loss_fn: (params, batch, rng, frozen, step=None) -> (loss, {name: scalar}); `step` is the
+      optimizer step (traced), for schedules inside the loss.
     evaluate: (params, mesh) -> {results row name: metrics}.
     frozen: arrays every step reads but never updates (teacher params), or None.
     load_init: host-side params -> params, run once after a fresh init (e.g. to

@@ -14,6 +14,8 @@ from mcad_jax import distill, losses, teacher_cache
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, teacher_scale
 from mcad_jax.stages.teachers import load_teachers, teacher_fns
 
+HARD = distill.HARD_COLUMNS
+
 
 def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
   dcfg = scfg
@@ -26,9 +28,10 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
                   else (scfg.model.embed_dim, 0))
   heads = distill.DistillHeads(t_dim, f_dim if mcad else 0, dcfg.mcad.combine)
   fwd = teacher_fns(config, dcfg) if frozen is not None else None
+  hard = bool(dcfg.hard_columns)
   cache = None
   if frozen is not None and dcfg.cache:
-    cache = teacher_cache.TeacherCache.build(config, frozen, fwd, mesh)
+    cache = teacher_cache.TeacherCache.build(config, frozen, fwd, mesh, hard=hard)
 
   def init(rng):
     r1, r2 = jax.random.split(rng)
@@ -38,14 +41,27 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
                    jnp.zeros((1, t_dim)), jnp.zeros((1, max(f_dim, 1))))["params"]
     return {"student": s, "heads": h}
 
-  def loss_fn(params, batch, rng, frozen):
-    del rng
+  def hard_logits(params, batch, si, scale):
+    """The student's [B, 3] logits for each image's canonical caption and its twins."""
+    ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD])
+    zt, _ = student.apply({"params": params["student"]}, ids, method=student.encode_text)
+    return scale * jnp.einsum("be,cbe->bc", si, zt.reshape(len(HARD), *si.shape))
+
+  def loss_fn(params, batch, rng, frozen, step=None):
+    del rng, step
     si, st, saux = student.apply({"params": params["student"]}, batch["image"], batch["text"])
     terms = {"logit_scale": saux["logit_scale"]}
+    if hard:
+      valid, row_w = distill.hard_valid(batch)
+      g = hard_logits(params, batch, si, saux["logit_scale"])
+      terms["hard_acc"] = distill.hard_accuracy(g, valid)
     if frozen is None:
       nodes = distill.Nodes({"si": si, "st": st}, {})
       loss, t = distill.graph_loss(nodes, table, saux["logit_scale"], dcfg.kl_temperature or 0.05,
                                    dcfg.kl_tau_squared)
+      if hard:  # No teacher: the twins are hard negatives (NegCLIP-style).
+        t["loss/hard_softmax"] = losses.candidate_softmax(g, valid, row_w)
+        loss = loss + dcfg.hard_weight * t["loss/hard_softmax"]
       return loss, {**terms, **t}
     if cache is not None:
       tout = {k: batch[f"teacher_{k}"] for k in cache.keys}
@@ -78,6 +94,14 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
     nodes = distill.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {"si": psi, "st": pst}, tsim)
     tau = dcfg.kl_temperature or 1.0 / tout["scale"]
     gl, t = distill.graph_loss(nodes, table, saux["logit_scale"], tau, dcfg.kl_tau_squared)
+    if hard:
+      # The hard columns, scored by this recipe's teacher: the dual teacher's similarity, plus
+      # for MCAD the fusion teacher's match logit (its reading of binding).
+      th = distill.teacher_hard_logits(tout, batch, fwd, frozen, cache is not None,
+                                       dcfg.mcad.itm_weight if mcad else 0.0)
+      t["loss/hard_kl"] = losses.kl_candidates(th, g, valid, row_w)
+      terms["teacher_hard_acc"] = distill.hard_accuracy(th, valid)
+      gl = gl + dcfg.hard_weight * t["loss/hard_kl"]
     return loss + gl, {**terms, **t}
 
   update_mask = None
@@ -98,6 +122,8 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       return jax.tree_util.tree_map_with_path(one, params)
 
   keys = ("image", "text") + (tuple(f"teacher_{k}" for k in cache.keys) if cache else ())
+  if hard:
+    keys += tuple(f"hn_{k}" for k in HARD) + tuple(f"hn_{k}_valid" for k in HARD)
   return Stage(
       init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask, batch_keys=keys,
       load_init=pretrained_init(config, scfg, student, under="student"),

@@ -14,8 +14,8 @@ def dual_stage(config, scfg, workdir: str, mesh) -> Stage:
   model = dual_model(config, scfg.model)
   img, txt = dummy_batch(config)
 
-  def loss_fn(params, batch, rng, frozen):
-    del rng, frozen
+  def loss_fn(params, batch, rng, frozen, step=None):
+    del rng, frozen, step
     zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["text"])
     loss = losses.contrastive(scfg.loss, zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
     return loss, {f"loss/{scfg.loss}": loss, "logit_scale": aux["logit_scale"]}

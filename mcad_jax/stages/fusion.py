@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcad_jax import evaluate, losses
+from mcad_jax import curriculum, evaluate, losses
 from mcad_jax.data import pipeline
 from mcad_jax.models import two_tower
 from mcad_jax.models.fusion import FusionTeacher
@@ -30,7 +30,7 @@ def fusion_model(config, scfg) -> FusionTeacher:
   dual_kw = {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)
              if f.name not in ("parent", "name")}
   return FusionTeacher(dual=dual_kw, fusion={**fk, "dtype": tower.dtype},
-                       context=scfg.fusion.context)
+                       context=scfg.fusion.context, text_source=scfg.fusion.get("text_source", "tower"))
 
 
 def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
@@ -50,18 +50,28 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     log.info("Fusion teacher towers from %s.", fcfg.towers_from)
     return {**params, "dual": restore_params(config, workdir, fcfg.towers_from, abstract)}
 
-  def loss_fn(params, batch, rng, frozen):
-    del frozen
+  def towers(params, batch):
     p = dict(params)
     if fcfg.freeze_towers:
       p["dual"] = jax.lax.stop_gradient(p["dual"])
     zimg, ztxt, aux = model.apply({"params": p}, batch["image"], batch["text"], method=model.unimodal)
+    pair = lambda it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1]
+    twin_tokens = None
+    if use_twins:  # One text-tower pass for the canonical caption and both twins.
+      ids = jnp.concatenate([batch["hn_true"], batch["hn_relation"], batch["hn_attribute"]])
+      _, taux = model.apply({"params": p}, ids, method=model.encode_text)
+      twin_tokens = (taux["tokens"], taux["mask"])
+    return zimg, ztxt, aux, pair, twin_tokens
+
+  def itm_loss(params, batch, rng, frozen, step=None):
+    """ALBEF's ITM: independent BCE on positives, mined negatives and twins."""
+    del frozen, step
+    zimg, ztxt, aux, pair, twin_tokens = towers(params, batch)
     itok, ttok, tmask = aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"]
     sim = jax.lax.stop_gradient(aux["logit_scale"] * zimg @ ztxt.T)
     r1, r2 = jax.random.split(rng)
     neg_t = losses.sample_hard_negatives(sim, r1)        # a hard caption for each image
     neg_i = losses.sample_hard_negatives(sim.T, r2)      # a hard image for each caption
-    pair = lambda it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1]
     terms = {}
     b = zimg.shape[0]
     logits = [pair(itok, ttok, tmask), pair(itok, ttok[neg_t], tmask[neg_t]),
@@ -71,10 +81,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     if use_twins:
       # The canonical two-object caption is a positive and its twins are negatives, so
       # the only cue that separates them is binding (not caption style).
-      # One text-tower pass for the canonical caption and both twins.
-      ids = jnp.concatenate([batch["hn_true"], batch["hn_relation"], batch["hn_attribute"]])
-      _, taux = model.apply({"params": p}, ids, method=model.encode_text)
-      toks, masks = jnp.split(taux["tokens"], 3), jnp.split(taux["mask"], 3)
+      toks, masks = jnp.split(twin_tokens[0], 3), jnp.split(twin_tokens[1], 3)
       true_logit = pair(itok, toks[0], masks[0])
       logits.append(true_logit)
       labels.append(jnp.ones(b))
@@ -90,15 +97,79 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     itm = losses.itm_bce(logits, labels, weights)
     terms.update({"loss/itm": itm, "itm_acc": jnp.sum(((logits > 0) == (labels > 0)) * weights)
              / jnp.sum(weights)})
-    loss = itm
-    if not fcfg.freeze_towers and fcfg.itc_weight > 0:
-      itc = losses.infonce(zimg, ztxt, aux["logit_scale"])
-      terms["loss/itc"] = itc
-      loss = loss + fcfg.itc_weight * itc
-    return loss, terms
+    return itm + itc_term(zimg, ztxt, aux, terms), terms
+
+  def softmax_loss(params, batch, rng, frozen, step=None):
+    """Candidates compete in one softmax per query (DESIGN §6.3).
+
+    image -> [its caption, k mined captions]; caption -> [its image, k mined images];
+    and, on `shapes`, image -> [its canonical caption, relation twin, attribute twin,
+    k mined canonical captions of other images], so the twins' scores compete directly.
+    Every (image, text) pair of the step goes through the fusion layers in one call.
+    """
+    del frozen
+    zimg, ztxt, aux, pair, twin_tokens = towers(params, batch)
+    itok, ttok, tmask = aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"]
+    b, k = zimg.shape[0], fcfg.negatives
+    sim = jax.lax.stop_gradient(aux["logit_scale"] * zimg @ ztxt.T)
+    r1, r2 = jax.random.split(rng)
+    neg_t = losses.gumbel_top_k(sim, r1, k)        # [B, k] hard captions of each image
+    neg_i = losses.gumbel_top_k(sim.T, r2, k)      # [B, k] hard images of each caption
+    rows = jnp.arange(b)[:, None]
+    # (image row, text row) pairs; text rows index [batch captions; canonical; rel; attr].
+    img_idx = [jnp.concatenate([rows, jnp.broadcast_to(rows, (b, k))], 1),
+               neg_i]
+    txt_idx = [jnp.concatenate([rows, neg_t], 1), jnp.broadcast_to(rows, (b, k))]
+    all_tok, all_mask = ttok, tmask
+    weight = jnp.ones(b)
+    if use_twins:
+      all_tok = jnp.concatenate([ttok, twin_tokens[0]])
+      all_mask = jnp.concatenate([tmask, twin_tokens[1]])
+      img_idx.append(jnp.broadcast_to(rows, (b, 3 + k)))
+      txt_idx.append(jnp.concatenate([rows + b, rows + 2 * b, rows + 3 * b, neg_t + b], 1))
+      phase = curriculum.at_step(fcfg.curriculum, 0 if step is None else step)
+      weight = (batch["num_objects"] <= phase["max_objects"]).astype(jnp.float32)
+    sizes = [x.shape[1] for x in img_idx]
+    ii = jnp.concatenate([x.reshape(-1) for x in img_idx])
+    tt = jnp.concatenate([x.reshape(-1) for x in txt_idx])
+    logits = pair(itok[ii], all_tok[tt], all_mask[tt])
+    parts, off = [], 0
+    for n in sizes:
+      parts.append(logits[off:off + b * n].reshape(b, n))
+      off += b * n
+    ones = lambda n: jnp.ones((b, n), bool)
+    i2t = losses.candidate_softmax(parts[0], ones(1 + k), weight)
+    t2i_logits = jnp.concatenate([parts[0][:, :1], parts[1]], 1)
+    t2i = losses.candidate_softmax(t2i_logits, ones(1 + k), weight)
+    terms = {"loss/i2t_softmax": i2t, "loss/t2i_softmax": t2i,
+             "match_acc": jnp.mean(jnp.argmax(parts[0], 1) == 0)}
+    loss = 0.5 * (i2t + t2i)
+    if use_twins:
+      tw = parts[2]
+      tv = batch["hn_true_valid"]
+      valid = jnp.stack([tv, batch["hn_relation_valid"] & (phase["relation"] > 0),
+                         batch["hn_attribute_valid"] & (phase["attribute"] > 0)], 1)
+      valid = jnp.concatenate([valid, jnp.broadcast_to(tv[neg_t], (b, k))], 1)
+      twin = losses.candidate_softmax(tw, valid, weight)
+      terms["loss/twin_softmax"] = twin
+      for j, kind in enumerate(("relation", "attribute"), start=1):
+        w = (batch[f"hn_{kind}_valid"] & tv).astype(jnp.float32)
+        terms[f"twin_acc/{kind}"] = jnp.sum((tw[:, 0] > tw[:, j]) * w) / jnp.maximum(jnp.sum(w), 1.0)
+      loss = loss + fcfg.twin_weight * twin
+    return loss + itc_term(zimg, ztxt, aux, terms), terms
+
+  def itc_term(zimg, ztxt, aux, terms):
+    if fcfg.freeze_towers or fcfg.itc_weight <= 0:
+      return 0.0
+    itc = losses.infonce(zimg, ztxt, aux["logit_scale"])
+    terms["loss/itc"] = itc
+    return fcfg.itc_weight * itc
+
+  loss_fn = {"itm": itm_loss, "softmax": softmax_loss}[fcfg.get("loss", "itm")]
 
   keys = ("image", "text") + (("hn_true", "hn_true_valid", "hn_relation", "hn_relation_valid",
-                               "hn_attribute", "hn_attribute_valid") if use_twins else ())
+                               "hn_attribute", "hn_attribute_valid", "num_objects")
+                              if use_twins else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
                freeze=("^dual/",) if fcfg.freeze_towers else (),
                evaluate=lambda params, mesh: eval_fusion(config, scfg, model, params, mesh))
@@ -107,6 +178,11 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
 def eval_fusion(config, scfg, model, params, mesh) -> dict:
   """The fusion teacher ranks: it re-ranks the top-k of its own dual towers with ITM."""
   test = pipeline.eval_set(config.data, tokenizer(config), limit=config.data.eval_limit or None)
+  return {scfg.report_as: fusion_metrics(config, scfg, model, params, mesh, test)}
+
+
+def fusion_metrics(config, scfg, model, params, mesh, test: pipeline.EvalSet) -> dict:
+  """Re-ranking retrieval metrics and (with twins) hard-negative accuracy on `test`."""
   bs = config.eval_batch_size
 
   def towers(kind):
@@ -145,4 +221,4 @@ def eval_fusion(config, scfg, model, params, mesh) -> dict:
       z_k, t_k, m_k = evaluate.embed_all(towers("txt"), params, test.hard[kind], bs, mesh)
       s_k = score_with(t_k, m_k, np.asarray(z_k))(idx, idx)
       out[f"hn_{kind}"] = float(100.0 * np.mean((s_true > s_k)[valid]))
-  return {scfg.report_as: out}
+  return out

@@ -12,7 +12,6 @@ from typing import Any, Callable
 import jax
 
 from mcad_jax import distill
-from mcad_jax.models.fusion import image_context
 from mcad_jax.stages.common import abstract_params, dual_model, dummy_batch, restore_params, teacher_scale
 from mcad_jax.stages.fusion import fusion_model
 
@@ -82,7 +81,9 @@ def teacher_fns(config, dcfg) -> TeacherFns:
       return v, None
     if not share:
       _, aux = fusion.apply({"params": frozen["fusion"]}, images, method=fusion.encode_image)
-    return v, image_context(aux, fusion.context)
+      return v, aux["ctx"]
+    # Shared towers: only the fusion teacher's own image tokens (e.g. its conv stem) remain.
+    return v, fusion.apply({"params": frozen["fusion"]}, images, aux, method=fusion.context_tokens)
 
   def text(frozen, ids):
     t, aux = dual.apply({"params": frozen["dual"]}, ids, method=dual.encode_text)
@@ -90,7 +91,8 @@ def teacher_fns(config, dcfg) -> TeacherFns:
       return t, None
     if not share:
       _, aux = fusion.apply({"params": frozen["fusion"]}, ids, method=fusion.encode_text)
-    return t, (aux["tokens"], aux["mask"])
+      return t, (aux["tokens"], aux["mask"])
+    return t, fusion.apply({"params": frozen["fusion"]}, ids, aux, method=fusion.text_tokens)
 
   def fuse(frozen, itok, ttok, tmask):
     return fusion.apply({"params": frozen["fusion"]}, itok, ttok, tmask, method=fusion.pair)
