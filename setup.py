@@ -40,6 +40,9 @@ setup(
     description=__doc__.splitlines()[0],
     python_requires=">=3.11",
     packages=find_packages(include=["mcad_jax", "mcad_jax.*", "export", "export.*"]),
+    # The shipped teacher weights (mcad_jax/shipped.py), so a wheel carries them too.
+    package_data={"mcad_jax": ["weights/*/MANIFEST.json", "weights/*/*/*/*", "weights/*/*/*/*/*",
+                               "weights/*/*/*/*/*/*"]},
     install_requires=CORE,
     extras_require={
         "tfds": TFDS,
