@@ -36,7 +36,8 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="[export] %(message)s")
 
-  from mcad_jax import config_lib, train
+  from mcad_jax import checkpoint, config_lib, fileio, train, workdir_lock
+  from mcad_jax.data import pipeline
 
   workdir = os.path.abspath(args.workdir)
   try:
@@ -57,7 +58,9 @@ def main(argv=None) -> int:
     e.onnx = e.onnx and not args.no_onnx
     config.stages = tuple(s for s in config.stages if s != "export") + ("export",)
     config_lib.validate(config)
-  except (FileNotFoundError, config_lib.ConfigError) as err:
+    lock = workdir_lock.WorkdirLock(workdir)  # Not beside a running pipeline on the same workdir.
+    lock.acquire()
+  except (FileNotFoundError, config_lib.ConfigError, workdir_lock.WorkdirBusy) as err:
     print(f"export: {err}", file=sys.stderr)
     return 2
   # Forget only that the stage finished: files are overwritten one by one (atomically), so a
@@ -67,7 +70,7 @@ def main(argv=None) -> int:
     os.remove(done)
   try:
     rec = train.export_stage(config, "export", workdir)
-  except (train.StageFailed, FileNotFoundError) as err:
+  except (train.StageFailed, OSError, checkpoint.CheckpointError, pipeline.DataFault) as err:
     print(f"export: {err}", file=sys.stderr)
     return 1
   path = os.path.join(workdir, "results.json")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
   results.setdefault("stages", {})["export"] = {"seconds": rec["seconds"], "steps": 0}
   results.setdefault("retrieval", {}).update(rec["retrieval"])
   results["export"] = rec["export"]
-  train._write_json(path, results)
+  fileio.write_json(path, results)
   print(open(os.path.join(workdir, "export", "report.md")).read())
   return 0
 

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mcad_jax import fileio
+
 FORMATS = ("fp32", "fp16", "dynamic", "int8")
 ENCODERS = ("image", "text")
 
@@ -140,5 +142,6 @@ def to_onnx(fn: Callable, spec: tuple[tuple[int, ...], np.dtype], path: str, nam
   shape, dtype = spec
   model = j2o(fn, [jax.ShapeDtypeStruct(shape, dtype)], model_name=name)
   onnx.checker.check_model(model, full_check=True)
-  onnx.save(model, path)
+  with fileio.atomic_path(path) as tmp:
+    onnx.save(model, tmp)
   return path

@@ -27,6 +27,8 @@ import zlib
 
 import numpy as np
 
+from mcad_jax import fileio
+
 MAGIC = b"MCADIDX\0"
 VERSION = 1
 _HEAD = struct.Struct("<8sIIQIfII")
@@ -72,10 +74,7 @@ class Index:
     code = DTYPES[self.dtype][0]
     head = _HEAD.pack(MAGIC, VERSION, code, rows.shape[0], rows.shape[1], self.scale,
                       zlib.crc32(data), 0)[:36]
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-      f.write(head + struct.pack("<I", zlib.crc32(head)) + data)
-    os.replace(tmp, path)
+    fileio.atomic_write(path, head + struct.pack("<I", zlib.crc32(head)) + data)
 
   @classmethod
   def load(cls, path: str, verify: bool = True) -> "Index":

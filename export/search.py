@@ -18,6 +18,7 @@ import time
 import numpy as np
 
 from export import index as index_lib, runtime
+from mcad_jax import fileio
 
 
 class Searcher:
@@ -69,7 +70,8 @@ def write_grid(meta: dict, ids, scores, query: str, path: str, thumb: int = 128)
     x = pad + j * (thumb + pad)
     grid.paste(img, (x, head))
     draw.text((x, head + thumb + 2), f"#{int(i)} {s:.3f}", fill="black")
-  grid.save(path)
+  with fileio.atomic_path(path) as tmp:
+    grid.save(tmp, format=Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG"))
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ files named in `reeval` are re-run through the whole retrieval eval as rows
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 from export import convert, index, runtime
+from mcad_jax import fileio
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
       if bad:
         raise convert.ExportError(f"{fname}: non-builtin ops {bad}; the model code must avoid them")
       path = os.path.join(out, fname)
-      _atomic_write(path, buf)
+      fileio.atomic_write(path, buf)
       e = runtime.TFLiteEncoder(path)
       encoders[(enc, fmt)] = e
       files[fname] = {"bytes": len(buf), "ops": ops, "format": fmt, "encoder": enc,
@@ -199,13 +199,6 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   return record
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(data)
-  os.replace(tmp, path)
-
-
 def _write_meta(out: str, config, ecfg, test) -> None:
   """What the search CLI needs besides the files: sizes, gallery source, a caption per image."""
   from mcad_jax import stages
@@ -217,8 +210,7 @@ def _write_meta(out: str, config, ecfg, test) -> None:
           "split": config.data.test_split, "gallery_size": int(test.num_images),
           "index_encoder": ecfg.index_encoder,
           "captions": [tok.decode(test.texts[i * 5]) for i in range(test.num_images)]}
-  with open(os.path.join(out, "meta.json"), "w") as f:
-    json.dump(meta, f)
+  fileio.write_json(os.path.join(out, "meta.json"), meta, indent=None)
 
 
 def _write_report(path: str, record: dict, ecfg, failed: list[str], warned: list[str]) -> None:
@@ -247,5 +239,4 @@ def _write_report(path: str, record: dict, ecfg, failed: list[str], warned: list
               "the end-to-end check):", *[f"- {x}" for x in warned]]
   if failed:
     lines += ["", "**FAILED**:", *[f"- {x}" for x in failed]]
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
+  fileio.atomic_write(path, "\n".join(lines) + "\n")

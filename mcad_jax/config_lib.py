@@ -3,9 +3,14 @@
 Config files in `configs/` are `get_config(arg)` functions that start from
 `base_config()` and fill in stages. `validate()` runs before any compute and
 raises `ConfigError` naming the offending key; `main` turns that into exit 2.
+`validate_for_mesh()` adds the facts that need the devices (batch sizes the
+mesh splits), still before any compute.
 """
 
 from __future__ import annotations
+
+import math
+import os
 
 import ml_collections
 
@@ -187,11 +192,32 @@ def _need(cond: bool, key: str, msg: str) -> None:
     raise ConfigError(key, msg)
 
 
+def _numbers(node, key: str = ""):
+  """(dotted key, value) of every float in a config, in tuples too (e.g. `distill.edges[0][2]`)."""
+  if isinstance(node, ml_collections.ConfigDict):
+    for k in node.keys():
+      yield from _numbers(node[k], f"{key}.{k}" if key else k)
+  elif isinstance(node, (tuple, list)):
+    for j, x in enumerate(node):
+      yield from _numbers(x, f"{key}[{j}]")
+  elif isinstance(node, float):
+    yield key, node
+
+
+def _in(x: float, key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+        hi_open: bool = True) -> None:
+  ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
+  lo_s, hi_s = ("(" if lo_open else "[") + f"{lo}", f"{hi}" + (")" if hi_open else "]")
+  _need(ok, key, f"must be in {lo_s}, {hi_s}, got {x}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks values that the type system cannot; raises ConfigError."""
   from mcad_jax.data import pipeline
   from mcad_jax.models import two_tower
 
+  for key, x in _numbers(config):  # NaN/inf slip through every range check below.
+    _need(math.isfinite(x), key, f"must be a finite number, got {x}")
   _need(len(config.stages) > 0, "stages", "no stages to run")
   for k in ("log_every", "ckpt_every", "keep_ckpts", "eval_batch_size"):
     _need(config[k] > 0, k, f"must be > 0, got {config[k]}")
@@ -202,6 +228,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(config.data.image_size > 0, "data.image_size", "must be > 0")
   _need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
   _need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
+  for k in ("prefetch", "eval_limit"):
+    _need(config.data[k] >= 0, f"data.{k}", f"must be >= 0, got {config.data[k]}")
+  _need(config.shard_min_size >= 0, "shard_min_size", "must be >= 0")
+  if config.data.get("manual_dir"):
+    _need(os.path.isdir(config.data.manual_dir), "data.manual_dir",
+          f"no directory {config.data.manual_dir!r}")
   _need(config.data.get("tokenizer", "wordpiece") in ("wordpiece", "clip"), "data.tokenizer",
         f"unknown tokenizer {config.data.get('tokenizer')!r}; use 'wordpiece' or 'clip'")
   names = tuple(n for n, _ in config.mesh)
@@ -215,10 +247,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       continue
     _need(s.report_as in REPORT_ROWS, f"{name}.report_as",
           f"unknown row {s.report_as!r}; known {REPORT_ROWS}")
-    if s.weights:
-      import os
-
-      _need(os.path.isdir(s.weights), f"{name}.weights", f"no checkpoint directory {s.weights!r}")
+    for key in ("weights", "init_from"):
+      if s.get(key):
+        _need(os.path.isdir(s[key]), f"{name}.{key}", f"no checkpoint directory {s[key]!r}")
     if s.kind == "fusion":
       _validate_fusion(config, name, s)
     if s.kind == "distill":
@@ -228,7 +259,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(s.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {s.batch_size}")
     _need(s.accum_steps > 0 and s.batch_size % s.accum_steps == 0, f"{name}.accum_steps",
           f"must be > 0 and divide batch_size {s.batch_size}, got {s.accum_steps}")
-    _need(s.optim.lr > 0, f"{name}.optim.lr", f"must be > 0, got {s.optim.lr}")
+    o = s.optim
+    _in(o.lr, f"{name}.optim.lr", 0, lo_open=True)
+    _in(o.end_lr_frac, f"{name}.optim.end_lr_frac", 0, 1, hi_open=False)
+    _in(o.weight_decay, f"{name}.optim.weight_decay", 0)
+    _in(o.b1, f"{name}.optim.b1", 0, 1)
+    _in(o.b2, f"{name}.optim.b2", 0, 1)
+    _in(o.clip_norm, f"{name}.optim.clip_norm", 0, lo_open=True)
     _need(0 <= s.optim.warmup_steps < s.steps, f"{name}.optim.warmup_steps",
           f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
     if s.get("pretrained"):
@@ -237,8 +274,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
       path = s.pretrained.partition(":")[2]
       if kind != "minilm-l6":
-        import os
-
         _need(os.path.isfile(path), f"{name}.pretrained", f"no checkpoint file {path!r}")
     m = s.model
     for key in ("image", "text"):
@@ -253,6 +288,29 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
     _need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
     _need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
+    _in(m.init_temperature, f"{name}.model.init_temperature", 0, lo_open=True)
+    _need(len(m.mean) == 3 and len(m.std) == 3, f"{name}.model.mean",
+          "mean and std need 3 values (RGB)")
+    _need(all(x > 0 for x in m.std), f"{name}.model.std", f"must all be > 0, got {tuple(m.std)}")
+
+
+def validate_for_mesh(config: ml_collections.ConfigDict, mesh) -> None:
+  """Device facts: every batch that is split over the mesh must split evenly; raises ConfigError.
+
+  Training batches and eval batches are sharded over all of the mesh's devices
+  (`sharding.BATCH_AXES`), so each must be a multiple of the device count.
+  """
+  n = mesh.size
+  shape = dict(mesh.shape)
+
+  def check(key: str, b: int) -> None:
+    _need(b % n == 0, key, f"{b} does not split over the {n} devices of mesh {shape}: use a "
+          f"multiple of {n}, e.g. {max(n, b - b % n)}")
+
+  for name in config.stages:
+    if config[name].kind != "export":
+      check(f"{name}.batch_size", config[name].batch_size)
+  check("eval_batch_size", config.eval_batch_size)
 
 
 def _stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:
@@ -277,6 +335,8 @@ def _validate_fusion(config, name, s) -> None:
     raise ConfigError(f"{name}.fusion.size", str(e)) from None
   _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
   _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
+  for k in ("itc_weight", "rerank_dual_weight"):
+    _in(f[k], f"{name}.fusion.{k}", 0)
   from mcad_jax import curriculum
   from mcad_jax.models import fusion
 
@@ -341,6 +401,10 @@ def _validate_distill(config, name, s) -> None:
   _need(m.combine in ("add", "concat", "gate"), f"{name}.mcad.combine", f"unknown {m.combine!r}")
   _need(m.proj in ("learned", "fixed"), f"{name}.mcad.proj", f"unknown proj {m.proj!r}")
   _need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
+  for k in ("alpha", "proj_contrastive", "itm_weight"):
+    _in(m[k], f"{name}.mcad.{k}", 0)
+  for j, (edge, _, w) in enumerate(distill.edge_table(s)):
+    _need(math.isfinite(w) and w >= 0, f"{name}.edges[{j}]", f"weight of {edge} must be >= 0, got {w}")
   _need(s.conaclip.schedule in ("joint", "two_stage"), f"{name}.conaclip.schedule",
         f"unknown schedule {s.conaclip.schedule!r}")
   _need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")

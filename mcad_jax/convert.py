@@ -227,6 +227,26 @@ def load_pretrained(spec: str, max_len: int, text_heads: int) -> tuple[str, dict
   raise WeightsError(f"unknown pretrained spec {spec!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
 
 
+def fit_problems(model: dict[str, tuple], given: dict[str, tuple]) -> str | None:
+  """Why weights `given` (parameter name -> shape) do not fit a model's `model`, or None.
+
+  Names up to 5 missing, unexpected and reshaped parameters of each kind, so a
+  user sees which part of the architecture differs. Shared by the pretrained
+  loader (`graft`) and the checkpoint loader (`checkpoint.load_params`).
+  """
+  missing, extra = sorted(set(model) - set(given)), sorted(set(given) - set(model))
+  bad = [f"{k} {tuple(given[k])} vs {tuple(model[k])}" for k in sorted(model)
+         if k in given and tuple(given[k]) != tuple(model[k])]
+  parts = []
+  if missing:
+    parts.append(f"missing {len(missing)} parameter(s) {missing[:5]}")
+  if extra:
+    parts.append(f"unexpected {len(extra)} {extra[:5]}")
+  if bad:
+    parts.append(f"shapes differ for {len(bad)} (given vs model) {bad[:5]}")
+  return "; ".join(parts) or None
+
+
 def graft(params, name: str, new: dict[str, Any]):
   """Copies `new` (numpy) into `params[name]` (or all of params), keeping each leaf's sharding.
 
@@ -238,13 +258,11 @@ def graft(params, name: str, new: dict[str, Any]):
   target = params[name] if name else params
   flat_t = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(target)[0]}
   flat_n = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(new)[0]}
-  missing, extra = sorted(set(flat_t) - set(flat_n)), sorted(set(flat_n) - set(flat_t))
-  if missing or extra:
-    raise WeightsError(f"pretrained weights do not fit {name or 'the model'}: missing {missing[:5]}, "
-                       f"unexpected {extra[:5]} (check model.text_kw / image_kw)")
-  bad = [(k, flat_n[k].shape, flat_t[k].shape) for k in flat_t if np.shape(flat_n[k]) != flat_t[k].shape]
-  if bad:
-    raise WeightsError(f"pretrained shapes differ (name, checkpoint, model): {bad[:5]}")
+  why = fit_problems({k: v.shape for k, v in flat_t.items()},
+                     {k: np.shape(v) for k, v in flat_n.items()})
+  if why:
+    raise WeightsError(f"pretrained weights do not fit {name or 'the model'}: {why} "
+                       "(check model.text_kw / image_kw)")
   put = {k: jax.device_put(np.asarray(flat_n[k], flat_t[k].dtype), flat_t[k].sharding) for k in flat_t}
   leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
   out = jax.tree_util.tree_unflatten(treedef, [put[jax.tree_util.keystr(k)] for k, _ in leaves])

@@ -1,8 +1,11 @@
 """Entry point: `python -m mcad_jax.main --config=configs/shapes.py[:VARIANT] --workdir=W`.
 
-Wires things together and nothing else: flags -> config check -> distributed
-init -> mesh -> `train.run_stages`. Exit codes: 0 on success, 2 on a bad config
-or bad arguments (before any compute), 1 on any other failure.
+Wires things together and nothing else: flags -> config check -> workdir and
+its lock -> distributed init -> mesh -> device checks -> `train.run_stages`.
+Exit codes: 0 on success, 2 on a bad config or bad arguments (before any
+compute, also for a workdir another run holds), 143 when preempted, 1 on any
+other failure. An anticipated failure prints one line; its traceback goes to
+the log file `W/mcad_jax.log` (and to stderr with `--verbosity=1`).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS imports TF; keep its C++ logs quiet.
 
@@ -20,7 +24,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. con
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 
-EXIT_BAD_CONFIG = 2
+EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_PREEMPTED = 1, 2, 143
+
+log = logging.getLogger("mcad_jax")
 
 
 def _fail_config(msg: str) -> None:
@@ -36,6 +42,11 @@ def parse_flags(argv):
     _fail_config(f"bad argument: {e}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # From config overrides.
     _fail_config(f"bad config override: {e}")
+
+
+def _verbose() -> bool:
+  """`--verbosity=1` (absl's flag) also prints tracebacks and the libraries' logs."""
+  return flags.FLAGS["verbosity"].present and flags.FLAGS.verbosity >= 1
 
 
 def maybe_initialize_distributed() -> None:
@@ -55,24 +66,70 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def setup_logging() -> None:
-  """Our messages at INFO on stderr; the libraries' (orbax, TFDS, absl) at WARNING."""
+class _Brief(logging.Formatter):
+  """The message without the traceback (which the log file keeps)."""
+
+  def format(self, record):
+    saved = record.exc_info, record.exc_text
+    record.exc_info = record.exc_text = None
+    try:
+      return super().format(record)
+    finally:
+      record.exc_info, record.exc_text = saved
+
+
+def setup_logging(log_file: str | None = None) -> None:
+  """Our messages at INFO on stderr; the libraries' (orbax, TFDS, absl) at WARNING.
+
+  With `log_file`, everything (ours and the libraries', with tracebacks) also
+  goes there. Library records that carry a traceback (orbax logs a failed
+  background save several times over) stay out of stderr unless verbose: the
+  one line that `main` prints says what failed.
+  """
   from absl import logging as absl_logging
 
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  log = logging.getLogger("mcad_jax")
-  log.setLevel(logging.INFO)
+  verbose = _verbose()
   if not log.handlers:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[mcad_jax] %(message)s"))
-    log.addHandler(handler)
+    if not verbose:
+      absl_logging.set_verbosity(absl_logging.WARNING)
+      for h in logging.root.handlers:
+        h.addFilter(lambda r: not r.exc_info)
+    log.setLevel(logging.INFO)
     log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[mcad_jax] %(message)s") if verbose
+                         else _Brief("[mcad_jax] %(message)s"))
+    handler.addFilter(lambda r: r.name != _EXIT_LOG.name)  # main prints that line itself.
+    log.addHandler(handler)
+  if log_file:
+    fh = logging.FileHandler(log_file)
+    fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    log.addHandler(fh)
+    logging.root.addHandler(fh)
+
+
+_EXIT_LOG = logging.getLogger("mcad_jax.exit")
+
+
+def _stop(e: BaseException, code: int) -> None:
+  """One line on stderr; the traceback in the log file (and on stderr if verbose)."""
+  _EXIT_LOG.error("exit %d", code, exc_info=e)
+  if _verbose():
+    traceback.print_exception(e)
+  msg = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.filename else str(e)
+  print(f"mcad_jax: {msg}", file=sys.stderr)
+  sys.exit(code)
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     _fail_config(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  try:
+    config = _CONFIG.value
+    if config is not None:
+      config.get("stages")  # ml_collections loads the file lazily, on first access.
+  except OSError as e:
+    _fail_config(f"bad argument --config: {str(e).strip().splitlines()[-1].strip()}")
   if config is None:
     _fail_config("--config is required, e.g. --config=configs/shapes.py:smoke")
   if not _WORKDIR.value:
@@ -83,36 +140,40 @@ def main(argv) -> None:
     config_lib.validate(config)
   except config_lib.ConfigError as e:
     _fail_config(str(e))
+  workdir = os.path.abspath(_WORKDIR.value)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    _fail_config(f"bad argument --workdir: cannot create {workdir}: {e.strerror}")
 
   setup_logging()
   maybe_initialize_distributed()
   import jax
 
-  from mcad_jax import sharding, train
+  from mcad_jax import checkpoint, convert, fileio, metrics, preemption, sharding, train, workdir_lock
+  from mcad_jax.data import pipeline
 
   try:
     mesh = sharding.make_mesh(config.mesh)
   except ValueError as e:
     _fail_config(f"config error at 'mesh': {e}")
-  workdir = os.path.abspath(_WORKDIR.value)
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-  from mcad_jax import metrics, preemption
-
   try:
+    config_lib.validate_for_mesh(config, mesh)
+    lock = workdir_lock.lock_workdir(workdir)  # noqa: F841 - held until the process ends.
+  except (config_lib.ConfigError, workdir_lock.WorkdirBusy) as e:
+    _fail_config(str(e))
+  p = jax.process_index()
+  setup_logging(os.path.join(workdir, "mcad_jax.log" if p == 0 else f"mcad_jax.{p}.log"))
+  try:
+    if p == 0:
+      fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     results = train.run_stages(config, workdir, mesh)
-  except metrics.NonFiniteLossError as e:
-    print(f"mcad_jax: {e}", file=sys.stderr)
-    sys.exit(1)
   except preemption.Preempted as e:
-    print(f"mcad_jax: {e}", file=sys.stderr)
-    sys.exit(143)
-  except train.StageFailed as e:
-    print(f"mcad_jax: {e}", file=sys.stderr)
-    sys.exit(1)
-  if jax.process_index() == 0:
+    _stop(e, EXIT_PREEMPTED)
+  except (metrics.NonFiniteLossError, train.StageFailed, checkpoint.CheckpointError,
+          checkpoint.CheckpointSaveError, convert.WeightsError, pipeline.DataFault, OSError) as e:
+    _stop(e, EXIT_FAILED)
+  if p == 0:
     print(train.format_table(results))
     print(f"results: {os.path.join(workdir, 'results.json')}")
 

@@ -14,6 +14,8 @@ import time
 
 import jax
 
+from mcad_jax import fileio
+
 
 class NonFiniteLossError(RuntimeError):
   """Raised when the training loss becomes NaN or inf; names the step."""
@@ -60,10 +62,7 @@ class MetricWriter:
       return
     with open(self.path) as f:
       keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(keep)
-    os.replace(tmp, self.path)
+    fileio.atomic_write(self.path, "".join(keep))
 
   def write(self, record: dict) -> None:
     if not self.enabled:

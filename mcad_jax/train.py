@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mcad_jax import checkpoint, metrics, preemption, sharding, stages
+from mcad_jax import checkpoint, fileio, metrics, preemption, sharding, stages
 from mcad_jax.data import pipeline
 
 DONE_FILE = "done.json"
@@ -141,12 +141,8 @@ def read_done(stage_dir: str) -> dict | None:
 
 
 def _write_json(path: str, obj) -> None:
-  if jax.process_index() != 0:
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)  # Atomic: a reader never sees half a file.
+  if jax.process_index() == 0:  # One writer; atomic, so a reader never sees half a file.
+    fileio.write_json(path, obj)
 
 
 def _select(batch: dict, keys) -> dict:
@@ -215,6 +211,7 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
   progress = metrics.Progress(name, scfg.steps, first_step, scfg.batch_size)
   t_loop = time.time()
   watcher = preemption.Watcher()
+  finished = False
   try:
     pending = None  # (step, loss) of the previous step: checked one step late to keep overlap.
     for step in range(first_step + 1, scfg.steps + 1):
@@ -223,6 +220,7 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
         batch = stage.host_fn(batch)
       batch = sharding.to_global(_select(batch, stage.batch_keys), mesh)
       state, m = step_fn(state, batch, stage.frozen)
+      ckpt.poll()  # A failed background save stops the run now, not at the next save.
       if pending is not None:
         metrics.check_finite(pending[0], float(pending[1]))
       pending = (step, m["training_loss"])
@@ -241,11 +239,15 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
         ckpt.save(step, state, {"iter": data.get_state(),
                                 "seconds": seconds0 + time.time() - t_loop}, force=stop)
       if stop:
+        ckpt.wait()  # The save of this step must succeed (or say why) before we report it.
         raise preemption.Preempted(step)
+    finished = True
   finally:
     watcher.close()
     writer.close()
-    ckpt.close()  # Lets a pending async save of a good state finish.
+    # Lets a pending async save of a good state finish; if it fails, a finished loop says so,
+    # while a loop already failing keeps its own error.
+    ckpt.close(check=finished)
   return _finish(stage_dir, stage, state["params"], mesh, scfg.steps,
                  seconds0 + time.time() - t_loop)
 

@@ -13,8 +13,11 @@ Images stay uint8 until they reach the model, which scales and normalises them
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
+import os
+from collections.abc import Sequence
 from typing import Any, Iterator
 
 import numpy as np
@@ -91,9 +94,54 @@ def ensure_prepared(data_cfg) -> None:
     prepare()  # No-op on a shared disk; prepares on hosts with their own disk.
 
 
-def data_source(data_cfg, split: str):
+class DataFault(RuntimeError):
+  """A prepared record that cannot be read: names the file and how to prepare it again."""
+
+
+class CheckedSource(Sequence):
+  """A TFDS data source whose read errors name the record's file and the fix.
+
+  A corrupt ArrayRecord chunk surfaces from Riegeli as a bare "hash mismatch"
+  RuntimeError (through grain's threads, too); this turns any failure to read
+  or decode record i into a `DataFault` naming the file that holds it.
+  """
+
+  def __init__(self, src, name: str, split: str):
+    self._src, self._name, self._split = src, name, split
+
+  def __len__(self) -> int:
+    return len(self._src)
+
+  def __getitem__(self, i):
+    try:
+      return self._src[i]
+    except Exception as e:  # noqa: BLE001 - Riegeli, decoders and TF raise many kinds.
+      raise DataFault(self._describe(int(i), e)) from e
+
+  def _file_of(self, i: int) -> str | None:
+    inner = getattr(self._src, "data_source", None)  # array_record's source: files + offsets.
+    paths, sums = getattr(inner, "_paths", None), getattr(inner, "_prefix_sums", None)
+    if not paths:
+      return None
+    if sums and len(sums) == len(paths):
+      return paths[min(bisect.bisect_right(sums, i % sums[-1]), len(paths) - 1)]
+    return paths[0] if len(paths) == 1 else None
+
+  def _describe(self, i: int, e: Exception) -> str:
+    f = self._file_of(i)
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    where = f"file {f}" if f else f"{self._name}:{self._split}"
+    fix = (f"delete {os.path.dirname(f)} and rerun to prepare it again" if f else
+           f"delete the prepared {self._name} in the TFDS data dir and rerun to prepare it again")
+    return (f"cannot read record {i} of {self._name}:{self._split} ({type(e).__name__}: {cause}) "
+            f"in {where}: the prepared dataset is damaged; {fix}")
+
+
+def data_source(data_cfg, split: str) -> CheckedSource:
+  """Random-access records of a split (prepared on first use); read errors are `DataFault`s."""
   ensure_prepared(data_cfg)
-  return _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir or None)
+  src = _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir or None)
+  return CheckedSource(src, data_cfg.tfds_name, split)
 
 
 def _get(ex: dict, path: str):
