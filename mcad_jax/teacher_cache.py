@@ -79,6 +79,8 @@ class TeacherCache:
       log.info("Teacher cache: %s", directory)
       return cls(directory)
     t0 = time.time()
+    log.info("Teacher cache: computing the teacher outputs of %s:%s once, into %s",
+             config.data.tfds_name, config.data.train_split, directory)
     arrays = compute(config, frozen, fwd, mesh, hard=hard)
     if jax.process_index() == 0:
       tmp = directory + f".tmp{os.getpid()}"

@@ -48,3 +48,19 @@ def tiny_data():
   cfg = shapes.get_config("smoke").data
   pipeline.ensure_prepared(cfg)
   return cfg
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory, tiny_data):
+  """(workdir, CompletedProcess) of the teacher stage run once without faults (test_main.STEPS).
+
+  The reference that killed, preempted and faulted runs must match after their rerun; shared by
+  test_main.py and test_faults.py.
+  """
+  from tests.test_main import STEPS, run_main
+
+  del tiny_data
+  w = tmp_path_factory.mktemp("full")
+  r = run_main(w, *STEPS)
+  assert r.returncode == 0, r.stderr[-3000:]
+  return w, r

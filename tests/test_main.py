@@ -62,18 +62,10 @@ def test_bad_variant_exits_2(tmp_path):
   assert r.returncode == 2 and "nope" in r.stderr
 
 
-# The loop's mechanics are tested on the teacher stage alone, to keep the suite fast.
+# The loop's mechanics are tested on the teacher stage alone, to keep the suite fast; the
+# `uninterrupted` run of these steps (conftest.py) is the reference every resumed run must match.
 STEPS = ["--config.stages=('teacher',)", "--config.teacher.steps=120", "--config.ckpt_every=20",
          "--config.log_every=1"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, tiny_data):
-  del tiny_data
-  w = tmp_path_factory.mktemp("full")
-  r = run_main(w, *STEPS)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return w, r
 
 
 def test_results_and_metrics_contract(uninterrupted):

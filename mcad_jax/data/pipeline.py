@@ -140,7 +140,15 @@ class CheckedSource(Sequence):
 def data_source(data_cfg, split: str) -> CheckedSource:
   """Random-access records of a split (prepared on first use); read errors are `DataFault`s."""
   ensure_prepared(data_cfg)
-  src = _tfds().data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir or None)
+  tfds = _tfds()
+  try:
+    src = tfds.data_source(data_cfg.tfds_name, split=split, data_dir=data_cfg.data_dir or None)
+  except (RuntimeError, OSError) as e:  # A damaged or missing record file fails here (Riegeli).
+    where = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None).data_dir
+    cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    raise DataFault(f"cannot open {data_cfg.tfds_name}:{split} in {where} ({type(e).__name__}: "
+                    f"{cause}): the prepared dataset is damaged; delete {where} and rerun to "
+                    "prepare it again") from e
   return CheckedSource(src, data_cfg.tfds_name, split)
 
 
