@@ -6,8 +6,11 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
+
+from mcad_jax import workdir_lock
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["--config=configs/shapes.py:smoke", "--config.stages=('teacher',)",
@@ -45,11 +48,24 @@ def test_two_processes_match_one(tmp_path, tiny_data):
 
   # Through the local launcher, as a user would start it.
   two = tmp_path / "two"
-  r2 = subprocess.run(["bash", "launch/local.sh", "2", "2", "--", *ARGS, f"--workdir={two}"],
-                      cwd=ROOT, env=_env(1, PYTHON=sys.executable, PORT=_free_port()),
-                      capture_output=True, text=True, timeout=600)
+  p2 = subprocess.Popen(["bash", "launch/local.sh", "2", "2", "--", *ARGS, f"--workdir={two}"],
+                        cwd=ROOT, env=_env(1, PYTHON=sys.executable, PORT=_free_port()),
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  # The two processes of the run share the workdir (each holds its own lock file), while any
+  # other run is refused: here, as process 0 of a second run would be.
+  locks = [two / f".lock-{i}" for i in range(2)]
+  deadline = time.time() + 300
+  while time.time() < deadline and p2.poll() is None and not all(
+      f.exists() and "pid=" in f.read_text() for f in locks):
+    time.sleep(0.05)
+  held = p2.poll() is None
+  if held:
+    with pytest.raises(workdir_lock.WorkdirBusy, match="in use by another run"):
+      workdir_lock.WorkdirLock(str(two), 0).acquire()
+  _, err2 = p2.communicate(timeout=600)
   logs = [(two / f"proc{i}.log").read_text() for i in range(2) if (two / f"proc{i}.log").exists()]
-  assert r2.returncode == 0, r2.stderr + "".join(x[-1500:] for x in logs)
+  assert p2.returncode == 0, err2 + "".join(x[-1500:] for x in logs)
+  assert held, "the run ended before both of its processes held their locks"
 
   l1, l2 = _losses(one), _losses(two)
   assert len(l1) == len(l2) == 6
