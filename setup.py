@@ -26,7 +26,10 @@ TFDS = [
     "grain==0.2.18",
     "array_record>=0.8",
 ]
-EXPORT = ["tensorflow-cpu==2.21.0", "ai-edge-litert==2.3.0"]
+# ai-edge-quantizer: the int8 recipes of export/quantize.py (it installs beside these pins as is).
+EXPORT = ["tensorflow-cpu==2.21.0", "ai-edge-litert==2.3.0", "ai-edge-quantizer==0.10.0"]
+# faiss-cpu: the search backend of export/index.py over our own flat index files.
+SEARCH = ["faiss-cpu==1.15.1"]
 ONNX = ["jax2onnx==0.17.1", "onnx==1.23.2", "onnxruntime==1.31.1"]
 TEST = ["pytest>=8", "pytest-xdist>=3.5", "ruff>=0.6"]
 # Pretrained-weight conversion and its parity tests. torch==2.13.0 is the CPU build (on this
@@ -48,10 +51,11 @@ setup(
         "tfds": TFDS,
         "export": EXPORT,
         "onnx": ONNX,
+        "search": SEARCH,
         "test": TEST,
         "convert": CONVERT,
         "notebook": NOTEBOOK,
         "tpu": ["jax[tpu]==0.10.2"],
-        "all": sorted(set(TFDS + EXPORT + ONNX + TEST)),
+        "all": sorted(set(TFDS + EXPORT + ONNX + SEARCH + TEST)),
     },
 )

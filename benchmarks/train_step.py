@@ -43,9 +43,10 @@ def load_config(spec: str):
   return mod.get_config(arg)
 
 
-def matmul_flops_per_sec(n: int = 2048, reps: int = 10) -> float:
-  """Best-of-reps FLOP/s of an n x n x n f32 matmul on device 0."""
-  a = jax.device_put(jnp.ones((n, n), jnp.float32), jax.devices()[0])
+def matmul_flops_per_sec(n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
+  """Best-of-reps FLOP/s of an n x n x n matmul in `dtype` on device 0 (the MFU denominator: a
+  GPU's bf16 peak is measured, not taken from its data sheet)."""
+  a = jax.device_put(jnp.ones((n, n), dtype), jax.devices()[0])
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = float("inf")
@@ -103,19 +104,29 @@ def main():
   ap.add_argument("--config", default="configs/shapes.py")
   ap.add_argument("--stage", default="teacher")
   ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                  help="compute dtype of the stage's model and of the reference matmul (bf16 on a GPU)")
+  ap.add_argument("--batch", type=int, help="global batch instead of the config's")
+  ap.add_argument("--matmul-n", type=int, default=2048, help="reference matmul size (8192 on a GPU)")
   ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
   args = ap.parse_args()
 
   config = load_config(args.config)
-  peak = matmul_flops_per_sec()
+  config[args.stage].model.dtype = args.dtype
+  if args.batch:
+    config[args.stage].batch_size = args.batch
+  peak = matmul_flops_per_sec(args.matmul_n, dtype=args.dtype)
   thr = step_throughput(config, args.stage, args.steps)
   mem = {args.config: memory_by_mesh(config, args.stage),
          "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
 
   lines = [
-      f"Measured by `python benchmarks/train_step.py --config={args.config} --steps={args.steps}"
-      f" --write` on {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-      f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} fake CPU devices.",
+      f"Measured by `python benchmarks/train_step.py --config={args.config} --stage={args.stage} "
+      f"--steps={args.steps} --dtype={args.dtype} --matmul-n={args.matmul_n}"
+      f"{f' --batch={args.batch}' if args.batch else ''} --write` on "
+      f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores), "
+      f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} devices; the MFU ratio "
+      f"divides by a {args.matmul_n}^3 {args.dtype} matmul timed in the same run.",
       "",
       "| config | stage | batch | step (ms) | examples/s | GFLOP/step | achieved GFLOP/s "
       "| matmul GFLOP/s | MFU ratio |",

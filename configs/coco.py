@@ -4,7 +4,9 @@
 
 Stages: teacher (ViT-B/16 + B text, CLIP-style) -> fusion_teacher (4 B-wide
 fusion layers on the frozen teacher) -> distill (MCAD student: ViT-S/16 + a
-6-layer S text tower) -> export. Variant `teacher` runs the first stage only.
+6-layer S text tower) -> export. Variant `teacher` runs the first stage only;
+`t2`, `t4`, `t6` pick the student's text depth (ConaCLIP's students; `t6` is the
+default).
 Train is Karpathy train + restval (113k images), test is the 5k Karpathy test
 split scored COCO-5K style. TFDS's `coco_captions` must be prepared in
 `data.data_dir` beforehand (it downloads from the COCO site, which this
@@ -20,10 +22,23 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# ConaCLIP's released students: a ViT-S/16 image tower at 224 px with a 2-, 4- or 6-layer text
+# tower (MiniLM-sized: 384 wide). The MobileCLIP-S0 image tower is a conv/attention hybrid
+# (MCi0) that the ViT model code does not build, so it has no variant here.
+STUDENT_VARIANTS = ("t2", "t4", "t6")
+
+
+def paper_student(text_layers: int = 6, dtype: str = "bfloat16"):
+  """ViT-S/16 image tower + S-wide text tower of `text_layers` layers, 512-d embeddings."""
+  student = cl.model_config("S/16", "S", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype=dtype)
+  student.text_kw = {"depth": text_layers}
+  return student
+
+
 def paper_scale(c, name: str, train_images: int, arg: str):
   """The stages and models shared by the COCO and Flickr30K configs."""
   c.name = name
-  c.stages = ("teacher",) if arg == "teacher" else ("teacher", "fusion_teacher", "distill", "export")
+  c.stages = {"teacher": ("teacher",)}.get(arg, ("teacher", "fusion_teacher", "distill", "export"))
   c.data.image_size = 224
   c.data.text_len = 64
   c.data.augment = True
@@ -41,9 +56,9 @@ def paper_scale(c, name: str, train_images: int, arg: str):
                                             steps=steps // 3, batch_size=batch // 2, lr=1e-4,
                                             warmup_steps=max(1, steps // 30))
   c.fusion_teacher.fusion.update(dict(size="B", depth=4, context="tokens", twin_negatives=False))
-  # The paper-scale student: ViT-S/16 image tower, 6-layer MiniLM-sized text tower.
-  student = cl.model_config("S/16", "S", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16")
-  student.text_kw = {"depth": 6}
+  # The paper-scale student: ViT-S/16 image tower, 6-layer MiniLM-sized text tower (variants
+  # `t2` and `t4`: ConaCLIP's 2- and 4-layer text towers).
+  student = paper_student(int(arg[1:]) if arg in STUDENT_VARIANTS else 6)
   c.distill = cl.distill_stage_config(student, recipe="mcad", steps=steps, batch_size=batch,
                                       lr=5e-4, warmup_steps=max(1, steps // 10))
   c.distill.cache = False  # augment=True: teacher outputs differ per crop.
@@ -52,8 +67,8 @@ def paper_scale(c, name: str, train_images: int, arg: str):
 
 
 def get_config(arg: str = ""):
-  if arg not in ("", "teacher"):
-    raise ValueError(f"unknown coco variant {arg!r}; use '' or 'teacher'")
+  if arg not in ("", "teacher", *STUDENT_VARIANTS):
+    raise ValueError(f"unknown coco variant {arg!r}; use '', 'teacher' or one of {STUDENT_VARIANTS}")
   c = cl.base_config()
   c.data.tfds_name = "coco_captions/2014"
   c.data.train_split = "train+restval"

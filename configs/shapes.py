@@ -14,7 +14,9 @@ Variants:
   and ALBEF), evaluates them, then trains the student and exports it;
 - `teachers`: trains those two teachers from scratch, as shipped (the fusion
   teacher needs more steps than the demo's 15 minutes allow);
-- `smoke`: the whole pipeline on the tiny dataset, teachers trained in it.
+- `smoke`: the whole pipeline on the tiny dataset, teachers trained in it;
+- `paper_t2|t4|t6`: paper-scale students (ViT-S/16 at 224 px, 2/4/6-layer text) trained alone
+  briefly, for on-device costs (see paper_config).
 Any recipe: --config.distill.recipe=conaclip (student_only, clip_kd, tinyclip, conaclip, mcad).
 """
 
@@ -25,6 +27,8 @@ from mcad_jax import config_lib as cl, shipped
 
 def get_config(arg: str = ""):
   variant = arg or "demo"
+  if variant in PAPER_VARIANTS:
+    return paper_config(variant)
   c = cl.base_config()
   c.name = f"shapes:{variant}"
   c.stages = ("teacher", "fusion_teacher", "distill", "export")
@@ -79,4 +83,33 @@ def get_config(arg: str = ""):
   if variant == "smoke":
     c.export.formats = ("fp32", "int8")
     c.export.representative_examples, c.export.parity_examples = 200, 64
+  return c
+
+
+# ----------------------------------------------------------------------------- paper-scale students
+PAPER_VARIANTS = ("paper_t2", "paper_t4", "paper_t6")
+
+
+def paper_config(variant: str):
+  """`shapes.py:paper_t2|t4|t6`: configs/coco.py's ViT-S/16 student (2-, 4- or 6-layer text) at
+  224 px (the pipeline resizes the 64 px scenes), trained alone briefly so that the export stage
+  calibrates int8 on real, not random, weights. For on-device costs at paper scale
+  (benchmarks/mobile.py), not for accuracy:
+
+    python -m mcad_jax.main --config=configs/shapes.py:paper_t2 --workdir=workdirs/paper_t2
+  """
+  from configs import coco
+
+  c = get_config("demo")
+  c.name = f"shapes:{variant}"
+  c.stages = ("distill", "export")
+  c.data.image_size = 224
+  c.data.eval_limit = 500  # A ViT-S at 224 px embeds the full 5k test split slowly on a CPU.
+  c.log_every, c.ckpt_every = 10, 100
+  student = coco.paper_student(int(variant[-1]), dtype="float32")
+  c.distill = cl.distill_stage_config(student, recipe="student_only", steps=60, batch_size=32,
+                                      lr=3e-4, warmup_steps=6)
+  c.export.formats = ("fp32", "fp16", "int8")
+  c.export.reeval = ("fp32", "int8")
+  c.export.representative_examples, c.export.parity_examples = 200, 64
   return c

@@ -33,6 +33,8 @@ def main(argv=None) -> int:
   ap.add_argument("--reeval", nargs="*", help="formats to re-run the retrieval eval with")
   ap.add_argument("--int8-io", action="store_true", help="uint8 image in, int8 embedding out")
   ap.add_argument("--no-onnx", action="store_true")
+  ap.add_argument("--int8-recipe", help="how int8 files are made: dynamic_w8 (default), tf (static "
+                  "full-integer, for NPUs), a8w8, a16w8 (export/quantize.py)")
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="[export] %(message)s")
 
@@ -44,7 +46,11 @@ def main(argv=None) -> int:
     config = load_run_config(workdir)
     if "export" not in config or config.export.get("kind") != "export":
       config.export = config_lib.export_stage_config(args.source or "distill")
+    else:  # A workdir from an older version lacks the newer keys: take their defaults.
+      config.export = config_lib.export_stage_config(**config.export.to_dict())
     e = config.export
+    if args.int8_recipe:
+      e.int8_recipe = args.int8_recipe
     if args.source:
       e.source = args.source
     if args.formats:

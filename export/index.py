@@ -4,17 +4,22 @@ File layout (little-endian), a 40-byte header then the rows:
 
   0  magic      8s   b"MCADIDX\\0"
   8  version    u32  1
-  12 dtype      u32  1 = float16, 2 = int8 (value = round(x * 127), symmetric)
+  12 dtype      u32  1 = float16, 2 = int8 (value = round(x / scale), symmetric)
   16 count      u64  number of embeddings N
   24 dim        u32  embedding width E
-  28 scale      f32  int8: the float value of one step (1/127); float16: 1.0
+  28 scale      f32  int8: the float value of one step (max |x| over the gallery / 127, so
+                     the largest entry maps to 127); float16: 1.0
   32 data_crc   u32  CRC-32 of the N*E rows
   36 head_crc   u32  CRC-32 of bytes 0..36
   40 rows       N*E  float16 or int8, row-major
 
-Embeddings are unit-norm, so a single symmetric scale loses little, and an int8
-gallery is scored with an int32 dot product against an int8 query, as a phone's
-integer kernels would. Search is exhaustive, like the papers' phones.
+Embeddings are unit-norm, so a single symmetric scale loses little. A query
+stays float and is scored against the dequantized rows (row * scale): quantizing
+the query too cost recall (BENCHMARKS.md, "Search at scale"). Search is
+exhaustive, like the papers' phones. With `faiss-cpu` installed (extra
+`search`) the stored rows are handed to a faiss scalar-quantizer index that
+decodes them on the fly (faster than numpy, no float copy of the gallery); the
+file format is ours either way, so a phone reads it without faiss.
 """
 
 from __future__ import annotations
@@ -65,7 +70,10 @@ class Index:
       raise ValueError(f"embeddings must be [N, E], got shape {emb.shape}")
     if dtype == "fp16":
       return cls(emb.astype(np.float16), 1.0)
-    return cls(np.clip(np.round(emb * 127.0), -127, 127).astype(np.int8), 1.0 / 127.0)
+    # The gallery's own range, not a fixed 1/127: unit vectors of width E rarely have an entry
+    # near 1, and finer steps raised recall@10 on a 1M gallery (BENCHMARKS.md).
+    scale = float(np.abs(emb).max()) / 127.0 or 1.0 / 127.0
+    return cls(np.clip(np.round(emb / scale), -127, 127).astype(np.int8), scale)
 
   def save(self, path: str) -> None:
     """Writes atomically (temp file + rename), so a crash never leaves a half index."""
@@ -104,30 +112,61 @@ class Index:
       raise IndexFileError(f"{path}: data checksum mismatch (corrupt rows)")
     return cls(np.frombuffer(data, dt).reshape(n, dim), float(scale))
 
-  def scores(self, query: np.ndarray) -> np.ndarray:
-    """Dot products of float queries [Q, E] with every row -> [Q, N] float32."""
+  def _query(self, query: np.ndarray) -> np.ndarray:
     q = np.atleast_2d(np.asarray(query, np.float32))
-    if q.shape[1] != self.rows.shape[1]:
-      raise ValueError(f"query width {q.shape[1]} != index width {self.rows.shape[1]}")
-    rows = self._rows_float
-    if self.dtype == "fp16":
-      return q @ rows.T
-    qi = np.clip(np.round(q * 127.0), -127, 127).astype(rows.dtype)
-    return (qi @ rows.T).astype(np.float32) * np.float32(self.scale / 127.0)
+    if q.ndim != 2 or q.shape[1] != self.rows.shape[1]:
+      raise ValueError(f"query width {q.shape[-1]} != index width {self.rows.shape[1]}")
+    return np.ascontiguousarray(q)
+
+  def scores(self, query: np.ndarray) -> np.ndarray:
+    """Dot products of float queries [Q, E] with every dequantized row -> [Q, N] float32."""
+    q = self._query(query)
+    return (q @ self._rows_float.T) * np.float32(self.scale)
 
   @functools.cached_property
   def _rows_float(self) -> np.ndarray:
-    """The rows as a float copy, made once: numpy has no fast fp16 or int8 matmul (a phone
-    runs fp16 / int8 dot-product kernels on the stored rows instead). int8 dot products stay
-    exact: float32 holds every sum of E products of int8s while E * 127^2 < 2^24 (E <= 1040),
-    float64 beyond."""
-    exact32 = self.dtype == "fp16" or self.rows.shape[1] * 127 * 127 < 2**24
-    return self.rows.astype(np.float32 if exact32 else np.float64)
+    """The stored rows as a float32 copy, made once, for the numpy path (no faiss): numpy has no
+    fast fp16 or int8 matrix product."""
+    return self.rows.astype(np.float32)
 
-  def search(self, query: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k rows by dot product: (indices [Q, k], scores [Q, k]), best first."""
-    s = self.scores(query)
-    k = min(k, s.shape[1])
+  @functools.cached_property
+  def _faiss(self):
+    """A faiss index over the stored rows (decoded exactly: int8 row * scale, or fp16), or None
+    without faiss-cpu."""
+    try:
+      import faiss
+    except ImportError:
+      return None
+    n, dim = self.rows.shape
+    if self.dtype == "fp16":
+      ix = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    else:
+      # QT_8bit_uniform decodes code c as vmin + (c + 0.5) / 255 * vdiff; with c = row + 128
+      # these two make it row * scale exactly.
+      ix = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit_uniform,
+                                      faiss.METRIC_INNER_PRODUCT)
+      faiss.copy_array_to_vector(np.array([-128.5 * self.scale, 255.0 * self.scale], np.float32),
+                                 ix.sq.trained)
+    ix.is_trained = True
+    step = 1 << 16  # In blocks, so the code translation never holds a second whole gallery.
+    for a in range(0, n, step):
+      codes = self.rows[a:a + step].view(np.uint8)
+      ix.add_sa_codes(codes if self.dtype == "fp16" else codes ^ np.uint8(0x80))
+    return ix
+
+  def search(self, query: np.ndarray, k: int = 10, use_faiss: bool = True
+             ) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k rows by dot product: (indices [Q, k], scores [Q, k]), best first.
+
+    Through faiss when it is installed (and `use_faiss`), else numpy; both score the float
+    query against the same dequantized rows.
+    """
+    q = self._query(query)
+    k = min(k, len(self))
+    if use_faiss and self._faiss is not None:
+      scores, idx = self._faiss.search(q, k)
+      return idx.astype(np.int64), scores
+    s = self.scores(q)
     top = np.argpartition(-s, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
     idx = np.take_along_axis(top, order, 1)

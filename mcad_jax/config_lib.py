@@ -137,6 +137,11 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   return c
 
 
+# Names of export/quantize.py's RECIPES, plus the TF converter's own full-int8 ('tf'); kept here so
+# a config is checked without importing the export code (tests/test_export.py holds them equal).
+INT8_RECIPES = ("tf", "dynamic_w8", "a8w8", "a16w8")
+
+
 def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigDict:
   """Export of stage `source`'s student to TFLite and ONNX, verified (see export/stage.py)."""
   c = ml_collections.ConfigDict()
@@ -149,7 +154,11 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   c.representative_examples = 1000  # training examples calibrating int8 (RESULTS.md, int8 ablation)
   c.parity_examples = 256     # held-out test examples compared with JAX
   c.float_cosine_min = 0.999  # fp32 / fp16 / onnx: min cosine vs JAX below this fails the export
-  c.quant_cosine_min = 0.99   # dynamic / int8: *mean* cosine below this fails (the min is reported)
+  # int8 files: made by the TF converter ('tf': per-tensor int8 activations) or by an
+  # ai-edge-quantizer recipe of export/quantize.py (RESULTS.md, "int8 recipes").
+  c.int8_recipe = "dynamic_w8"
+  c.quant_cosine_min = 0.995  # dynamic / int8: min cosine vs JAX below this fails the export
+  c.quant_r1_drop_max = 0.5   # int8 / dynamic R@1 (either way) this far below fp32 fails it
   c.reeval = ("fp32", "int8")  # formats re-run through the retrieval eval (rows student_<fmt>)
   c.index_formats = ("fp16", "int8")  # gallery index files of the test images
   c.index_encoder = "int8"    # which image encoder fills the index
@@ -385,6 +394,11 @@ def _validate_export(config, name, s) -> None:
     _need(s[key] >= 1, f"{name}.{key}", f"must be >= 1, got {s[key]}")
   for key in ("float_cosine_min", "quant_cosine_min"):
     _need(0 < s[key] <= 1, f"{name}.{key}", f"must be in (0, 1], got {s[key]}")
+  _need(s.quant_r1_drop_max >= 0, f"{name}.quant_r1_drop_max", f"must be >= 0, got {s.quant_r1_drop_max}")
+  _need(s.int8_recipe in INT8_RECIPES, f"{name}.int8_recipe",
+        f"unknown {s.int8_recipe!r}; known {INT8_RECIPES}")
+  _need(not (s.int8_io and s.int8_recipe != "tf"), f"{name}.int8_io",
+        f"integer I/O needs int8_recipe='tf' (got {s.int8_recipe!r})")
 
 
 def _validate_distill(config, name, s) -> None:

@@ -97,6 +97,35 @@ def test_int8_io_takes_uint8_pixels_and_gives_int8(tmp_path, tiny):
   assert parity(ref["image"], e(data["image"]))["cosine_mean"] >= 0.98
 
 
+def test_int8_recipe_names_match_the_config_check():
+  from export import quantize
+  from mcad_jax import config_lib
+
+  assert config_lib.INT8_RECIPES == ("tf", *quantize.RECIPES)
+
+
+@pytest.mark.parametrize("enc", ["image", "text"])
+def test_quantizer_recipe_is_integer_and_close_on_every_example(tmp_path, tiny, enc):
+  """The export's default int8 recipe (ai-edge-quantizer on the fp32 file): int8 weights, builtin
+  ops only, smaller files, and no example far off."""
+  from export import quantize
+  from export.stage import parity
+  from mcad_jax import config_lib
+
+  _, _, sm, data, ref = tiny
+  fp32 = convert.to_tflite(sm, enc, "fp32")
+  buf = quantize.quantize(fp32, data[enc][:8], config_lib.export_stage_config().int8_recipe)
+  assert not runtime.non_builtin(runtime.tflite_ops(buf))
+  path = tmp_path / f"{enc}_q.tflite"
+  path.write_bytes(buf)
+  p = parity(ref[enc], runtime.TFLiteEncoder(str(path))(data[enc]))
+  assert p["cosine_min"] >= 0.995, p
+  # int8 weights: the text tower's embedding table dominates its file.
+  assert len(buf) < (0.4 if enc == "text" else 0.9) * len(fp32)
+  with pytest.raises(ValueError, match="unknown quantization recipe"):
+    quantize.quantize(fp32, data[enc][:2], "a4w4")
+
+
 def test_unsupported_op_fails_loudly(tmp_path):
   """A graph op with no TFLite builtin (a Cholesky here) must not convert, nor fall back to Flex."""
   def fn(x):
@@ -142,13 +171,27 @@ def test_index_round_trip_and_search(tmp_path, dtype):
   np.testing.assert_allclose(scores, np.take_along_axis(exact, idx, 1), atol=0.03)
 
 
-def test_index_int8_scores_are_exact_integer_dots():
+def test_index_int8_rows_use_the_gallery_range_and_score_dequantized():
   e = _emb(50, 16)
   ix = index.Index.build(e, "int8")
+  assert ix.scale == pytest.approx(np.abs(e).max() / 127)
+  assert np.abs(ix.rows).max() == 127
   q = e[:3]
-  qi = np.clip(np.round(q * 127), -127, 127).astype(np.int64)
-  want = (qi @ ix.rows.astype(np.int64).T) / 127.0 / 127.0
-  np.testing.assert_allclose(ix.scores(q), want, rtol=1e-6)
+  want = q.astype(np.float64) @ (ix.rows.astype(np.float64) * ix.scale).T
+  np.testing.assert_allclose(ix.scores(q), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "int8"])
+def test_index_faiss_and_numpy_paths_agree(dtype):
+  pytest.importorskip("faiss")
+  e = _emb(2000, 24)
+  ix = index.Index.build(e, dtype)
+  q = _emb(9, 24, seed=3)
+  i_f, s_f = ix.search(q, 10)
+  i_n, s_n = ix.search(q, 10, use_faiss=False)
+  assert ix._faiss is not None and ix._faiss.ntotal == len(e)
+  np.testing.assert_allclose(s_f, s_n, rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(i_f, i_n)
 
 
 @pytest.mark.parametrize("damage,match", [
