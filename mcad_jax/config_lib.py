@@ -161,7 +161,9 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_name="shapes/default",
       data_dir="",           # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       manual_dir="",         # files of a manual-download dataset (flickr30k), read once to prepare it
-      tokenizer="wordpiece",  # 'wordpiece' (BERT-uncased) or 'clip' (BPE; for open_clip-converted towers)
+      # The default tokenizer of every model that names none (<stage>.model.tokenizer):
+      # 'wordpiece' (BERT-uncased), 'clip' (CLIP's BPE), or 'wordpiece:PATH' / 'clip:PATH'.
+      tokenizer="wordpiece",
       image_size=64,
       text_len=24,
       train_split="train",
@@ -202,8 +204,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _need(config.data.image_size > 0, "data.image_size", "must be > 0")
   _need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
   _need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
-  _need(config.data.get("tokenizer", "wordpiece") in ("wordpiece", "clip"), "data.tokenizer",
-        f"unknown tokenizer {config.data.get('tokenizer')!r}; use 'wordpiece' or 'clip'")
+  from mcad_jax.data import tokenizer as tokenizers
+
+  why = tokenizers.check_spec(config.data.get("tokenizer", "wordpiece"))
+  _need(why is None, "data.tokenizer", str(why))
   names = tuple(n for n, _ in config.mesh)
   _need(names == ("data", "fsdp"), "mesh", f"axes must be ('data', 'fsdp'), got {names}")
   for name in config.stages:

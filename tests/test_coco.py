@@ -3,8 +3,7 @@
 import numpy as np
 
 from configs import coco
-from mcad_jax.data import pipeline
-from mcad_jax.data.tokenizer import Tokenizer
+from mcad_jax.data import pipeline, tokenizer as tokenizers
 
 
 def test_coco_pipeline_on_mock_data(tmp_path):
@@ -14,7 +13,7 @@ def test_coco_pipeline_on_mock_data(tmp_path):
   data = config.data
   data.image_size = 32  # Mock images are tiny; the crop path is the same at 224.
   data.data_dir = str(tmp_path)
-  tok = Tokenizer(data.text_len)
+  tok = tokenizers.make("wordpiece", data.text_len)
   with tfds.testing.mock_data(num_examples=12):
     it = pipeline.train_iterator(data, tok, 8, seed=0)
     b = next(it)
