@@ -35,6 +35,10 @@ def model_config(image: str, text: str, embed_dim: int, **kw) -> ml_collections.
   c.std = (0.5, 0.5, 0.5)
   c.init_temperature = 0.07
   c.dtype = "float32"
+  # This model's tokenizer and ids length ('' / 0: data.tokenizer / data.text_len), so a CLIP
+  # teacher (BPE, 77) and a MiniLM student (WordPiece) can share a run.
+  c.tokenizer = ""
+  c.text_len = 0
   # Overrides of the size presets, e.g. {"depth": 2}.
   c.image_kw = ml_collections.ConfigDict()
   c.text_kw = ml_collections.ConfigDict()
@@ -257,6 +261,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
     _need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
     _need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
+    if m.get("tokenizer"):
+      why = tokenizers.check_spec(m.tokenizer)
+      _need(why is None, f"{name}.model.tokenizer", str(why))
+    _need(m.get("text_len", 0) == 0 or m.text_len >= 2, f"{name}.model.text_len",
+          "must be 0 (data.text_len) or >= 2 (two special tokens)")
 
 
 def _stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:

@@ -252,8 +252,12 @@ def teacher_hard_logits(tout: dict, batch: dict, fwd, frozen, cached: bool,
     t_hard = tout["hard_t"]                                        # [B, 3, E]
     itm = tout.get("hard_itm")
   else:
-    ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD_COLUMNS])
-    t, ttok = fwd.text(frozen, ids)
+    # Each teacher reads the hard captions in its own tokenizer's ids.
+    ids = jnp.concatenate([batch[fwd.key(f"hn_{k}", "dual")] for k in HARD_COLUMNS])
+    fkey = fwd.key("hn_true", "fusion")
+    fids = (jnp.concatenate([batch[fwd.key(f"hn_{k}", "fusion")] for k in HARD_COLUMNS])
+            if fkey is not None else None)
+    t, ttok = fwd.text(frozen, ids, fids)
     b = tout["v"].shape[0]
     t_hard = t.reshape(len(HARD_COLUMNS), b, -1).swapaxes(0, 1)
     itm = None

@@ -36,7 +36,7 @@ def fusion_model(config, scfg) -> FusionTeacher:
 def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
   model = fusion_model(config, scfg)
   fcfg = scfg.fusion
-  img, txt = dummy_batch(config)
+  img, txt = dummy_batch(config, model_cfg=scfg.model)
   use_twins = bool(config.data.get("hard_negatives", False)) and fcfg.twin_negatives
 
   def init(rng):
@@ -171,13 +171,14 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
                                "hn_attribute", "hn_attribute_valid", "num_objects")
                               if use_twins else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
+               tokenizer=tokenizer(config, scfg.model),
                freeze=("^dual/",) if fcfg.freeze_towers else (),
                evaluate=lambda params, mesh: eval_fusion(config, scfg, model, params, mesh))
 
 
 def eval_fusion(config, scfg, model, params, mesh) -> dict:
   """The fusion teacher ranks: it re-ranks the top-k of its own dual towers with ITM."""
-  test = pipeline.eval_set(config.data, tokenizer(config), limit=config.data.eval_limit or None)
+  test = pipeline.eval_set(config.data, tokenizer(config, scfg.model), limit=config.data.eval_limit or None)
   return {scfg.report_as: fusion_metrics(config, scfg, model, params, mesh, test)}
 
 
