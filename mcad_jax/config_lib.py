@@ -87,6 +87,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
   c.kind = "fusion"
   c.report_as = "fusion_teacher"
   c.fusion = ml_collections.ConfigDict(dict(
+      arch="ours",           # 'ours' (fusion layers on dual towers) or 'blip' (BLIP ITM, models/blip.py)
       size="nano",           # width/heads/mlp preset of the fusion layers
       depth=2,               # number of fusion layers (0 = the preset's)
       towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
@@ -241,8 +242,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
     if s.get("pretrained"):
       kind = s.pretrained.partition(":")[0]
-      _need(kind in ("minilm-l6", "bert", "openclip"), f"{name}.pretrained",
-            f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
+      _need(kind in ("minilm-l6", "bert", "openclip", "blip"), f"{name}.pretrained",
+            f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH', 'openclip:PATH' or 'blip:PATH'")
+      _need((kind == "blip") == (s.kind == "fusion" and s.fusion.get("arch", "ours") == "blip"),
+            f"{name}.pretrained", "'blip:PATH' goes with a fusion stage with fusion.arch='blip'")
       path = s.pretrained.partition(":")[2]
       if kind != "minilm-l6":
         import os
@@ -289,6 +292,10 @@ def _validate_fusion(config, name, s) -> None:
   except ValueError as e:
     raise ConfigError(f"{name}.fusion.size", str(e)) from None
   _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
+  _need(f.get("arch", "ours") in ("ours", "blip"), f"{name}.fusion.arch",
+        f"unknown arch {f.get('arch')!r}; known ('ours', 'blip')")
+  if f.get("arch", "ours") == "blip":
+    _need(not f.towers_from, f"{name}.fusion.towers_from", "BLIP has towers of its own: set it to ''")
   _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
   from mcad_jax import curriculum
   from mcad_jax.models import fusion

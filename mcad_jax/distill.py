@@ -215,7 +215,7 @@ def mcad_teacher_sim(v, t, itm_fn, b: float, topk: int) -> jax.Array:
 def teacher_dims(dual_params: Any, fusion_params: Any | None) -> tuple[int, int]:
   """(teacher embedding width, fused feature width) read off the params."""
   e = dual_params["img_head"]["kernel"].shape[-1]
-  f = fusion_params["fusion"]["txt_in"]["kernel"].shape[-1] if fusion_params is not None else 0
+  f = fusion_params["fusion"]["itm_head"]["kernel"].shape[0] if fusion_params is not None else 0
   return int(e), int(f)
 
 

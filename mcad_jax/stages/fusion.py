@@ -17,12 +17,18 @@ from mcad_jax import curriculum, evaluate, losses
 from mcad_jax.data import pipeline
 from mcad_jax.models import two_tower
 from mcad_jax.models.fusion import FusionTeacher
+from mcad_jax.stages import common
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, restore_params, teacher_scale, tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def fusion_model(config, scfg) -> FusionTeacher:
+  if scfg.fusion.get("arch", "ours") == "blip":  # BLIP's ITM model (models/blip.py), same interface.
+    from mcad_jax.models import blip
+
+    tok = tokenizer(config, scfg.model)
+    return blip.build(scfg.model, tok.vocab_size, tok.max_len)
   tower = dual_model(config, scfg.model)
   fk = two_tower.size_kwargs(scfg.fusion.size)
   fk.update(dict(scfg.fusion.get("kw", {})))
@@ -42,7 +48,11 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
   def init(rng):
     return model.init(rng, img, txt)["params"]
 
+  pretrained = common.pretrained_init(config, scfg, model)  # e.g. 'blip:PATH' (fusion.arch='blip')
+
   def load_init(params):
+    if pretrained is not None:
+      params = pretrained(params)
     if not fcfg.towers_from:
       return params
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
