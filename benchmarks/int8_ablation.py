@@ -37,10 +37,11 @@ def main():
 
   config = load_run_config(args.workdir)
   model, params = stage.load_student(config, args.workdir, "distill")
-  specs = convert.input_specs(config.data.image_size, config.data.text_len, 1)
-  test = stage._test_data(config, 256)
+  tok = stage.student_tokenizer(config, "distill")
+  specs = convert.input_specs(config.data.image_size, tok.max_len, 1)
+  test = stage._test_data(config, 256, tok)
   held = {"image": test.images.astype(np.float32), "text": test.texts[:256]}
-  calib = stage.calibration_data(config, 1000)
+  calib = stage.calibration_data(config, 1000, tok)
   rows = []
   for two_pass in (False, True):
     ctx = layers.two_pass_layer_norm if two_pass else contextlib.nullcontext

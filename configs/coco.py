@@ -7,6 +7,22 @@ fusion layers on the frozen teacher) -> distill (MCAD student: ViT-S/16 + a
 6-layer S text tower) -> export. Variant `teacher` runs the first stage only;
 `t2`, `t4`, `t6` pick the student's text depth (ConaCLIP's students; `t6` is the
 default).
+
+Variant `pretrained`: MCAD from pretrained models, three tokenizers in one run:
+
+  python -m mcad_jax.main --config=configs/coco.py:pretrained --workdir=W \
+    --config.teacher.pretrained=openclip:/ckpt/open_clip_vit_b16.safetensors \
+    --config.fusion_teacher.pretrained=blip:/ckpt/blip-itm-base-coco/model.safetensors \
+    --config.fusion_teacher.model.tokenizer=wordpiece:/ckpt/blip-itm-base-coco/tokenizer.json
+
+- teacher: an open_clip ViT-B/16 (exact GELU: not the QuickGELU OpenAI weights), CLIP's BPE,
+  77 tokens, fine-tuned briefly at a low learning rate;
+- fusion_teacher: BLIP's image-text matching model (`fusion.arch='blip'`), its own WordPiece
+  (BERT-uncased + [DEC]/[ENC], 30524 ids; the checkpoint's tokenizer.json or vocab.txt), 35
+  tokens, trained on ITM briefly;
+- distill: a ViT-S/16 student with the MiniLM-L6 text tower (`minilm-l6`, or
+  `--config.distill.pretrained=bert:PATH`), BERT-uncased WordPiece, 32 tokens.
+All at 224 px; a BLIP checkpoint trained at 384 px needs its position table resized first.
 Train is Karpathy train + restval (113k images), test is the 5k Karpathy test
 split scored COCO-5K style. TFDS's `coco_captions` must be prepared in
 `data.data_dir` beforehand (it downloads from the COCO site, which this
@@ -66,11 +82,42 @@ def paper_scale(c, name: str, train_images: int, arg: str):
   return c
 
 
+def pretrained(c):
+  """The `pretrained` variant's stages: open_clip teacher, BLIP fusion teacher, MiniLM student."""
+  steps = 2000
+  clip = cl.model_config(
+      "B/16", "M", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16", tokenizer="clip", text_len=77,
+      image_kw=dict(pool="tok", ln_pre=True, ln_eps=1e-5, gelu_exact=True),
+      text_kw=dict(causal=True, pool="eot", ln_eps=1e-5, gelu_exact=True))
+  c.teacher = cl.stage_config(clip, steps=steps, batch_size=512, lr=1e-5, warmup_steps=100)
+  c.teacher.pretrained = ""  # openclip:PATH (required)
+  blip = cl.model_config("B/16", "B", 256, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16",
+                         tokenizer="wordpiece", text_len=35, text_kw=dict(vocab_size=30524))
+  c.fusion_teacher = cl.fusion_stage_config(blip, towers_from="", steps=steps // 2, batch_size=256,
+                                            lr=1e-5, warmup_steps=50)
+  c.fusion_teacher.fusion.update(dict(arch="blip", freeze_towers=False, twin_negatives=False,
+                                      itc_weight=0.0))
+  c.fusion_teacher.pretrained = ""  # blip:PATH (required)
+  student = cl.model_config("S/16", "S", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16",
+                            tokenizer="wordpiece", text_len=32, text_kw=cl.minilm_text_kw())
+  c.distill = cl.distill_stage_config(student, recipe="mcad", steps=steps * 5, batch_size=512,
+                                      lr=5e-4, warmup_steps=500)
+  c.distill.pretrained = "minilm-l6"
+  c.distill.cache = False
+  c.export = cl.export_stage_config("distill")
+  return c
+
+
 def get_config(arg: str = ""):
-  if arg not in ("", "teacher", *STUDENT_VARIANTS):
-    raise ValueError(f"unknown coco variant {arg!r}; use '', 'teacher' or one of {STUDENT_VARIANTS}")
+  if arg not in ("", "teacher", "pretrained", *STUDENT_VARIANTS):
+    raise ValueError(f"unknown coco variant {arg!r}; use '', 'teacher', 'pretrained' or one of "
+                     f"{STUDENT_VARIANTS}")
   c = cl.base_config()
   c.data.tfds_name = "coco_captions/2014"
   c.data.train_split = "train+restval"
   c.data.test_split = "test"
-  return paper_scale(c, "coco", 113_287, arg)
+  c = paper_scale(c, "coco", 113_287, "" if arg == "pretrained" else arg)
+  if arg == "pretrained":
+    c.name = "coco:pretrained"
+    c = pretrained(c)
+  return c

@@ -38,7 +38,7 @@ def load_student(config, workdir: str, source: str):
 
   scfg = config[source]
   model = stages.dual_model(config, scfg.model)
-  img, txt = stages.dummy_batch(config)
+  img, txt = stages.dummy_batch(config, model_cfg=scfg.model)
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), img, txt)["params"])
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), shapes)
@@ -51,21 +51,25 @@ def load_student(config, workdir: str, source: str):
   return model, (params["student"] if scfg.kind == "distill" else params)
 
 
-def _test_data(config, limit: int | None):
+def student_tokenizer(config, source: str):
+  """The exported student's own tokenizer (its model's `tokenizer`, else the run's default)."""
   from mcad_jax import stages
+
+  return stages.tokenizer(config, config[source].model)
+
+
+def _test_data(config, limit: int | None, tok):
   from mcad_jax.data import pipeline
 
-  return pipeline.eval_set(config.data, stages.tokenizer(config), limit=limit)
+  return pipeline.eval_set(config.data, tok, limit=limit)
 
 
-def calibration_data(config, n: int):
+def calibration_data(config, n: int, tok):
   """n images and n captions (those of the first n / 5 images) of the *training* split, for int8
   calibration."""
-  from mcad_jax import stages
   from mcad_jax.data import pipeline
 
-  data = pipeline.eval_set(config.data, stages.tokenizer(config), split=config.data.train_split,
-                           limit=n)
+  data = pipeline.eval_set(config.data, tok, split=config.data.train_split, limit=n)
   return {"image": data.images.astype(np.float32), "text": data.texts[:n]}
 
 
@@ -125,14 +129,15 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   os.makedirs(out, exist_ok=True)
   model, params = load_student(config, workdir, ecfg.source)
   fns = convert.encoder_fns(model, params)
-  specs = convert.input_specs(config.data.image_size, config.data.text_len, ecfg.batch_size)
+  tok = student_tokenizer(config, ecfg.source)
+  specs = convert.input_specs(config.data.image_size, tok.max_len, ecfg.batch_size)
 
   # Held-out parity data: the head of the test split; retrieval re-eval: the configured test set.
-  test = _test_data(config, config.data.eval_limit or None)
+  test = _test_data(config, config.data.eval_limit or None, tok)
   test_images = test.images.astype(np.float32)
   held = {"image": test_images[:ecfg.parity_examples], "text": test.texts[:ecfg.parity_examples]}
   ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
-  calib = calibration_data(config, ecfg.representative_examples) if "int8" in ecfg.formats else None
+  calib = calibration_data(config, ecfg.representative_examples, tok) if "int8" in ecfg.formats else None
 
   sm_dir = os.path.join(out, "saved_model")
   shutil.rmtree(sm_dir, ignore_errors=True)
@@ -210,7 +215,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
     path = os.path.join(out, f"gallery_{dtype}.idx")
     ix.save(path)
     idx_files[os.path.basename(path)] = {"bytes": os.path.getsize(path), "count": len(ix)}
-  _write_meta(out, config, ecfg, test)
+  _write_meta(out, config, ecfg, test, tok)
 
   record = {"seconds": time.time() - t0, "steps": 0, "params": 0, "retrieval": retrieval,
             "export": files, "index": idx_files}
@@ -221,13 +226,10 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   return record
 
 
-def _write_meta(out: str, config, ecfg, test) -> None:
-  """What the search CLI needs besides the files: sizes, gallery source, a caption per image."""
-  from mcad_jax import stages
-
-  tok = stages.tokenizer(config)
-  meta = {"image_size": config.data.image_size, "text_len": config.data.text_len,
-          "tokenizer": config.data.get("tokenizer", "wordpiece"),
+def _write_meta(out: str, config, ecfg, test, tok) -> None:
+  """What the search CLI needs besides the files: sizes, the student's tokenizer (spec and
+  length), gallery source, a caption per image."""
+  meta = {"image_size": config.data.image_size, "text_len": tok.max_len, "tokenizer": tok.spec,
           "tfds_name": config.data.tfds_name, "data_dir": config.data.data_dir,
           "split": config.data.test_split, "gallery_size": int(test.num_images),
           "index_encoder": ecfg.index_encoder,

@@ -40,6 +40,10 @@ def model_config(image: str, text: str, embed_dim: int, **kw) -> ml_collections.
   c.std = (0.5, 0.5, 0.5)
   c.init_temperature = 0.07
   c.dtype = "float32"
+  # This model's tokenizer and ids length ('' / 0: data.tokenizer / data.text_len), so a CLIP
+  # teacher (BPE, 77) and a MiniLM student (WordPiece) can share a run.
+  c.tokenizer = ""
+  c.text_len = 0
   # Overrides of the size presets, e.g. {"depth": 2}.
   c.image_kw = ml_collections.ConfigDict()
   c.text_kw = ml_collections.ConfigDict()
@@ -88,6 +92,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
   c.kind = "fusion"
   c.report_as = "fusion_teacher"
   c.fusion = ml_collections.ConfigDict(dict(
+      arch="ours",           # 'ours' (fusion layers on dual towers) or 'blip' (BLIP ITM, models/blip.py)
       size="nano",           # width/heads/mlp preset of the fusion layers
       depth=2,               # number of fusion layers (0 = the preset's)
       towers_from=towers_from,  # stage name or checkpoint dir of the dual towers ('' = train them)
@@ -175,7 +180,9 @@ def base_config() -> ml_collections.ConfigDict:
       tfds_name="shapes/default",
       data_dir="",           # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       manual_dir="",         # files of a manual-download dataset (flickr30k), read once to prepare it
-      tokenizer="wordpiece",  # 'wordpiece' (BERT-uncased) or 'clip' (BPE; for open_clip-converted towers)
+      # The default tokenizer of every model that names none (<stage>.model.tokenizer):
+      # 'wordpiece' (BERT-uncased), 'clip' (CLIP's BPE), or 'wordpiece:PATH' / 'clip:PATH'.
+      tokenizer="wordpiece",
       image_size=64,
       text_len=24,
       train_split="train",
@@ -243,8 +250,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.get("manual_dir"):
     _need(os.path.isdir(config.data.manual_dir), "data.manual_dir",
           f"no directory {config.data.manual_dir!r}")
-  _need(config.data.get("tokenizer", "wordpiece") in ("wordpiece", "clip"), "data.tokenizer",
-        f"unknown tokenizer {config.data.get('tokenizer')!r}; use 'wordpiece' or 'clip'")
+  from mcad_jax.data import tokenizer as tokenizers
+
+  why = tokenizers.check_spec(config.data.get("tokenizer", "wordpiece"))
+  _need(why is None, "data.tokenizer", str(why))
   names = tuple(n for n, _ in config.mesh)
   _need(names == ("data", "fsdp"), "mesh", f"axes must be ('data', 'fsdp'), got {names}")
   for name in config.stages:
@@ -279,8 +288,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
           f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
     if s.get("pretrained"):
       kind = s.pretrained.partition(":")[0]
-      _need(kind in ("minilm-l6", "bert", "openclip"), f"{name}.pretrained",
-            f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
+      _need(kind in ("minilm-l6", "bert", "openclip", "blip"), f"{name}.pretrained",
+            f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH', 'openclip:PATH' or 'blip:PATH'")
+      _need((kind == "blip") == (s.kind == "fusion" and s.fusion.get("arch", "ours") == "blip"),
+            f"{name}.pretrained", "'blip:PATH' goes with a fusion stage with fusion.arch='blip'")
       path = s.pretrained.partition(":")[2]
       if kind != "minilm-l6":
         _need(os.path.isfile(path), f"{name}.pretrained", f"no checkpoint file {path!r}")
@@ -297,6 +308,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
     _need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
     _need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
+    if m.get("tokenizer"):
+      why = tokenizers.check_spec(m.tokenizer)
+      _need(why is None, f"{name}.model.tokenizer", str(why))
+    _need(m.get("text_len", 0) == 0 or m.text_len >= 2, f"{name}.model.text_len",
+          "must be 0 (data.text_len) or >= 2 (two special tokens)")
     _in(m.init_temperature, f"{name}.model.init_temperature", 0, lo_open=True)
     _need(len(m.mean) == 3 and len(m.std) == 3, f"{name}.model.mean",
           "mean and std need 3 values (RGB)")
@@ -343,6 +359,10 @@ def _validate_fusion(config, name, s) -> None:
   except ValueError as e:
     raise ConfigError(f"{name}.fusion.size", str(e)) from None
   _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
+  _need(f.get("arch", "ours") in ("ours", "blip"), f"{name}.fusion.arch",
+        f"unknown arch {f.get('arch')!r}; known ('ours', 'blip')")
+  if f.get("arch", "ours") == "blip":
+    _need(not f.towers_from, f"{name}.fusion.towers_from", "BLIP has towers of its own: set it to ''")
   _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
   for k in ("itc_weight", "rerank_dual_weight"):
     _in(f[k], f"{name}.fusion.{k}", 0)

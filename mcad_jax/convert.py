@@ -12,8 +12,12 @@ onto our module trees:
   params (image and text towers, both projections, logit scale), with the model
   options that make our modules compute what CLIP computes (`clip_model_kwargs`).
 
+- `blip_model(sd, ...)`: a BLIP image-text matching model (`BlipForImageTextRetrieval`)
+  -> `models.blip.BlipTeacher` params (ViT, text encoder with its cross-attention, ITC
+  projections, ITM head), with `blip_model_kwargs` for the model config.
+
 `load_pretrained(spec, ...)` resolves a config string ('minilm-l6', 'bert:PATH',
-'openclip:PATH') for `<stage>.pretrained`.
+'openclip:PATH', 'blip:PATH') for `<stage>.pretrained`.
 """
 
 from __future__ import annotations
@@ -207,6 +211,113 @@ def open_clip_model(sd: dict[str, np.ndarray]) -> dict[str, Any]:
           "bias": np.float32(-10.0)}
 
 
+# ----------------------------------------------------------------------------- BLIP
+
+
+def blip_model_kwargs(sd: dict[str, np.ndarray], config_json: dict | None = None) -> dict[str, Any]:
+  """Model-config overrides for a BLIP ITM state dict (`BlipForImageTextRetrieval`).
+
+  Heads come from its config.json when given (`vision_config` / `text_config`), else width / 64
+  as in BLIP-base and -large.
+  """
+  sd = _blip_strip(sd)
+  conv = sd["vision_model.embeddings.patch_embedding.weight"]
+  vw, patch = conv.shape[0], conv.shape[2]
+  depth = lambda pat: 1 + max(int(m.group(1)) for k in sd if (m := re.match(pat, k)))  # noqa: E731
+  tw = sd["text_encoder.embeddings.word_embeddings.weight"].shape[1]
+  cfg = config_json or {}
+  vh = cfg.get("vision_config", {}).get("num_attention_heads", max(1, vw // 64))
+  th = cfg.get("text_config", {}).get("num_attention_heads", max(1, tw // 64))
+  grid = int(round((sd["vision_model.embeddings.position_embedding"].shape[1] - 1) ** 0.5))
+  return {
+      "image_kw": {"width": vw, "depth": depth(r"vision_model\.encoder\.layers\.(\d+)\."), "heads": vh,
+                   "patch": patch, "pool": "tok", "gelu_exact": True, "ln_eps": 1e-5,
+                   "mlp_dim": sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]},
+      "text_kw": {"width": tw, "depth": depth(r"text_encoder\.encoder\.layer\.(\d+)\."), "heads": th,
+                  "mlp_dim": sd["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                  "vocab_size": sd["text_encoder.embeddings.word_embeddings.weight"].shape[0]},
+      "embed_dim": sd["vision_proj.weight"].shape[0],
+      "image_size": grid * patch,
+      "text_len": sd["text_encoder.embeddings.position_embeddings.weight"].shape[0],
+  }
+
+
+def _blip_strip(sd):
+  if "vision_model.embeddings.patch_embedding.weight" not in sd or "itm_head.weight" not in sd:
+    raise WeightsError("not a BLIP image-text matching state dict (BlipForImageTextRetrieval): no "
+                       f"'vision_model.embeddings.patch_embedding.weight' / 'itm_head.weight' "
+                       f"(keys like {sorted(sd)[:3]})")
+  return sd
+
+
+def _dense(sd, prefix):
+  return {"kernel": _t(sd[f"{prefix}.weight"]), "bias": np.asarray(sd[f"{prefix}.bias"], np.float32)}
+
+
+def blip_model(sd: dict[str, np.ndarray], max_len: int, text_heads: int, image_heads: int,
+               temperature: float = 0.07) -> dict[str, Any]:
+  """BLIP ITM state dict -> `models.blip.BlipTeacher` params.
+
+  HF's retrieval model carries no ITC temperature: `temperature` (BLIP's init 0.07) sets it,
+  unless the checkpoint has BLIP's original `temp`.
+  """
+  sd = _blip_strip(sd)
+  f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+  V = "vision_model"
+  conv = f32(sd[f"{V}.embeddings.patch_embedding.weight"])
+  img: dict[str, Any] = {
+      "embedding": {"kernel": conv.transpose(2, 3, 1, 0),
+                    "bias": f32(sd[f"{V}.embeddings.patch_embedding.bias"])},
+      "cls": f32(sd[f"{V}.embeddings.class_embedding"]).reshape(1, 1, -1),
+      "pos_embedding": f32(sd[f"{V}.embeddings.position_embedding"]).reshape(1, -1, conv.shape[0]),
+      "encoder": {"ln_final": _ln(sd, f"{V}.post_layernorm")}}
+  vdepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"{V}\.encoder\.layers\.(\d+)\.", k)))
+  for i in range(vdepth):
+    L = f"{V}.encoder.layers.{i}"
+    w, b = f32(sd[f"{L}.self_attn.qkv.weight"]), f32(sd[f"{L}.self_attn.qkv.bias"])
+    d = w.shape[1]
+    attn = {n: _qkv_dense(w[j * d:(j + 1) * d], b[j * d:(j + 1) * d], image_heads)
+            for j, n in enumerate(("query", "key", "value"))}
+    attn["out"] = _out_dense(sd[f"{L}.self_attn.projection.weight"], sd[f"{L}.self_attn.projection.bias"],
+                             image_heads)
+    mlp = {"fc1": _dense(sd, f"{L}.mlp.fc1"), "fc2": _dense(sd, f"{L}.mlp.fc2")}
+    img["encoder"][f"block{i}"] = {"ln1": _ln(sd, f"{L}.layer_norm1"), "attn": attn,
+                                   "ln2": _ln(sd, f"{L}.layer_norm2"), "mlp": mlp}
+  T = "text_encoder"
+  pos = f32(sd[f"{T}.embeddings.position_embeddings.weight"])
+  if max_len > pos.shape[0]:
+    raise WeightsError(f"text length {max_len} exceeds the BLIP checkpoint's {pos.shape[0]} positions")
+  txt: dict[str, Any] = {"token_embedding": f32(sd[f"{T}.embeddings.word_embeddings.weight"]),
+                         "pos_embedding": pos[:max_len][None], "ln_emb": _ln(sd, f"{T}.embeddings.LayerNorm")}
+  tdepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"{T}\.encoder\.layer\.(\d+)\.", k)))
+
+  def attention(prefix):
+    a = {n: _qkv_dense(sd[f"{prefix}.self.{n}.weight"], sd[f"{prefix}.self.{n}.bias"], text_heads)
+         for n in ("query", "key", "value")}
+    a["out"] = _out_dense(sd[f"{prefix}.output.dense.weight"], sd[f"{prefix}.output.dense.bias"], text_heads)
+    return a
+
+  for i in range(tdepth):
+    L = f"{T}.encoder.layer.{i}"
+    txt[f"blocks_{i}"] = {
+        "attn": attention(f"{L}.attention"), "ln1": _ln(sd, f"{L}.attention.output.LayerNorm"),
+        "xattn": attention(f"{L}.crossattention"), "lnx": _ln(sd, f"{L}.crossattention.output.LayerNorm"),
+        "mlp": {"fc1": _dense(sd, f"{L}.intermediate.dense"), "fc2": _dense(sd, f"{L}.output.dense")},
+        "ln2": _ln(sd, f"{L}.output.LayerNorm")}
+  temp = float(np.asarray(sd["temp"]).reshape(())) if "temp" in sd else temperature
+  return {"dual": {"img": img, "txt": txt, "img_head": _dense(sd, "vision_proj"),
+                   "txt_head": _dense(sd, "text_proj"), "log_scale": np.float32(np.log(1.0 / temp))},
+          "fusion": {"itm_head": _dense(sd, "itm_head")}}
+
+
+def blip_heads(path: str, sd) -> tuple[int, int]:
+  """(image heads, text heads) of a BLIP checkpoint: its config.json beside the file, else width/64."""
+  cfg_path = os.path.join(os.path.dirname(path), "config.json")
+  cfg = json.load(open(cfg_path)) if os.path.isfile(cfg_path) else None
+  kw = blip_model_kwargs(sd, cfg)
+  return kw["image_kw"]["heads"], kw["text_kw"]["heads"]
+
+
 # ----------------------------------------------------------------------------- config hook
 
 
@@ -214,9 +325,18 @@ def load_pretrained(spec: str, max_len: int, text_heads: int) -> tuple[str, dict
   """A `<stage>.pretrained` string -> (subtree name, numpy params).
 
   'minilm-l6' or 'bert:PATH' -> ('txt', BERT text params);
-  'openclip:PATH' -> ('', whole TwoTower params).
+  'openclip:PATH' -> ('', whole TwoTower params);
+  'blip:PATH' -> ('', whole BlipTeacher params; its heads from config.json beside PATH, else
+  width / 64).
   """
   kind, _, path = spec.partition(":")
+  if kind == "blip":
+    sd = read_state_dict(path)
+    image_heads, heads = blip_heads(path, sd)
+    if heads != text_heads:
+      raise WeightsError(f"{path}: the BLIP text encoder has {heads} heads, the model {text_heads} "
+                         "(set model.text_kw from convert.blip_model_kwargs)")
+    return "", blip_model(sd, max_len, heads, image_heads)
   if kind == "minilm-l6":
     d = minilm_dir()
     return "txt", bert_text(read_state_dict(os.path.join(d, "model.safetensors")), max_len, text_heads)
@@ -224,7 +344,8 @@ def load_pretrained(spec: str, max_len: int, text_heads: int) -> tuple[str, dict
     return "txt", bert_text(read_state_dict(path), max_len, text_heads)
   if kind == "openclip":
     return "", open_clip_model(read_state_dict(path))
-  raise WeightsError(f"unknown pretrained spec {spec!r}; use 'minilm-l6', 'bert:PATH' or 'openclip:PATH'")
+  raise WeightsError(f"unknown pretrained spec {spec!r}; use 'minilm-l6', 'bert:PATH', 'openclip:PATH' "
+                     "or 'blip:PATH'")
 
 
 def fit_problems(model: dict[str, tuple], given: dict[str, tuple]) -> str | None:

@@ -215,7 +215,7 @@ def mcad_teacher_sim(v, t, itm_fn, b: float, topk: int) -> jax.Array:
 def teacher_dims(dual_params: Any, fusion_params: Any | None) -> tuple[int, int]:
   """(teacher embedding width, fused feature width) read off the params."""
   e = dual_params["img_head"]["kernel"].shape[-1]
-  f = fusion_params["fusion"]["txt_in"]["kernel"].shape[-1] if fusion_params is not None else 0
+  f = fusion_params["fusion"]["itm_head"]["kernel"].shape[0] if fusion_params is not None else 0
   return int(e), int(f)
 
 
@@ -252,8 +252,12 @@ def teacher_hard_logits(tout: dict, batch: dict, fwd, frozen, cached: bool,
     t_hard = tout["hard_t"]                                        # [B, 3, E]
     itm = tout.get("hard_itm")
   else:
-    ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD_COLUMNS])
-    t, ttok = fwd.text(frozen, ids)
+    # Each teacher reads the hard captions in its own tokenizer's ids.
+    ids = jnp.concatenate([batch[fwd.key(f"hn_{k}", "dual")] for k in HARD_COLUMNS])
+    fkey = fwd.key("hn_true", "fusion")
+    fids = (jnp.concatenate([batch[fwd.key(f"hn_{k}", "fusion")] for k in HARD_COLUMNS])
+            if fkey is not None else None)
+    t, ttok = fwd.text(frozen, ids, fids)
     b = tout["v"].shape[0]
     t_hard = t.reshape(len(HARD_COLUMNS), b, -1).swapaxes(0, 1)
     itm = None

@@ -30,10 +30,10 @@ from mcad_jax.data import pipeline, tokenizer as tokenizers
 log = logging.getLogger(__name__)
 
 
-def fingerprint(config, frozen, hard: bool = False) -> str:
+def fingerprint(config, frozen, hard: bool = False, tokenizer_names=()) -> str:
   h = hashlib.sha256()
   h.update(json.dumps([config.data.tfds_name, config.data.train_split, config.data.image_size,
-                       config.data.text_len] + (["hard"] if hard else [])).encode())
+                       config.data.text_len, *tokenizer_names] + (["hard"] if hard else [])).encode())
   for leaf in jax.tree.leaves(frozen):
     h.update(np.asarray(jax.device_get(leaf)).tobytes())
   return h.hexdigest()[:16]
@@ -74,7 +74,8 @@ class TeacherCache:
     """
     if config.data.augment:
       raise ValueError("the teacher cache needs deterministic preprocessing: set data.augment=False")
-    directory = os.path.join(cache_root(config), fingerprint(config, frozen, hard))
+    names = [t.name for t in fwd.tokenizers.values() if t]
+    directory = os.path.join(cache_root(config), fingerprint(config, frozen, hard, names))
     if os.path.exists(os.path.join(directory, "meta.json")):
       log.info("Teacher cache: %s", directory)
       return cls(directory)
@@ -105,11 +106,14 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
   """Teacher outputs over the training split, in record order.
 
   Args:
-    tokenizer: the teachers' tokenizer; defaults to the one `config.data` names.
+    tokenizer: the dual teacher's tokenizer; defaults to `fwd.tokenizers['dual']`, then to the
+      one `config.data` names. The fusion teacher reads the ids of `fwd.tokenizers['fusion']`.
     hard: also the hard captions' outputs: 'hard_t' [N, 3, E] (+ 'hard_itm' [N, 3]).
   Returns {'v': [N, E], 't': [N, 5, E]} plus 'f': [N, 5, F] when there is a fusion teacher.
   """
-  tok = tokenizer or tokenizers.for_data(config.data)
+  tok = tokenizer or fwd.tokenizers.get("dual") or tokenizers.for_data(config.data)
+  ftok = fwd.tokenizers.get("fusion")
+  ftok = ftok if ftok is not None and ftok.name != tok.name else None
   src = pipeline.data_source(config.data, config.data.train_split)
   ad = pipeline.adapter(config.data.tfds_name)
   n = len(src) if limit is None else min(limit, len(src))
@@ -118,7 +122,10 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
   outs: dict[str, list[np.ndarray]] = {"v": [], "t": [], "f": [], "hard_t": [], "hard_itm": []}
   from mcad_jax.distill import HARD_COLUMNS
   img_fn = lambda p, x: fwd.image(p, x)
-  txt_fn = lambda p, x: fwd.text(p, x)
+  # With a fusion tokenizer of its own, its ids ride beside the dual teacher's: one array.
+  txt_fn = lambda p, x: fwd.text(p, x[:, :tok.max_len], x[:, tok.max_len:] if ftok else None)
+  encode = lambda texts: np.concatenate(  # noqa: E731
+      [tok.encode_batch(texts)] + ([ftok.encode_batch(texts)] if ftok else []), axis=1)
   fuse_fn = lambda p, it, tt, tm: fwd.fuse(p, it, tt, tm)[0]  # One object: one compile.
   itm_fn = lambda p, it, tt, tm: fwd.fuse(p, it, tt, tm)[1]
   for s in range(0, n, bs):
@@ -126,7 +133,7 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
     images = np.stack([pipeline.resize_crop(e["image"], config.data.image_size, None) for e in exs])
     caps = [[pipeline._as_str(x) for x in pipeline._get(e, ad.captions_key)][:c] for e in exs]
     caps = [cs + [cs[-1]] * (c - len(cs)) for cs in caps]  # Pad short lists; never sampled.
-    ids = tok.encode_batch([x for cs in caps for x in cs])
+    ids = encode([x for cs in caps for x in cs])
     v, itok = evaluate.embed_all(img_fn, frozen, images.astype(np.uint8), bs, mesh)
     t, ttok = evaluate.embed_all(txt_fn, frozen, ids, bs * c, mesh)
     outs["v"].append(np.asarray(v))
@@ -137,7 +144,7 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
                                  np.arange(len(rows)), bs * c)
       outs["f"].append(f.reshape(len(exs), c, -1))
     if hard:
-      hids = tok.encode_batch([pipeline._as_str(e[f"hn_{k}"]) for k in HARD_COLUMNS for e in exs])
+      hids = encode([pipeline._as_str(e[f"hn_{k}"]) for k in HARD_COLUMNS for e in exs])
       th, htok = evaluate.embed_all(txt_fn, frozen, hids, bs * 3, mesh)
       outs["hard_t"].append(np.asarray(th).reshape(3, len(exs), -1).swapaxes(0, 1))
       if fwd.fuse is not None:

@@ -193,8 +193,8 @@ def train_stage(config, name: str, workdir: str, mesh) -> dict:
     if stage.load_init is not None:
       state["params"] = stage.load_init(state["params"])
   seed = config.seed + zlib.crc32(name.encode()) % 10_000
-  data = pipeline.train_iterator(config.data, stages.tokenizer(config), scfg.batch_size, seed,
-                                 data_state)
+  data = pipeline.train_iterator(config.data, stage.tokenizer or stages.tokenizer(config),
+                                 scfg.batch_size, seed, data_state, extra=stage.extra_tokenizers)
 
   # The update step: state donated, batch sharded, teachers as they were restored.
   frozen_sh = jax.tree.map(lambda x: x.sharding, stage.frozen)

@@ -8,36 +8,14 @@ import numpy as np
 import pytest
 
 from mcad_jax import convert
-from mcad_jax.data.tokenizer import Tokenizer
+from mcad_jax.data import tokenizer as tokenizers
 from mcad_jax.models.text import TextTransformer
+from tests import torch_refs
 
 torch = pytest.importorskip("torch")
+torch_refs.torchvision_on_cpu_torch()
 
 
-def _torchvision_on_cpu_torch():
-  """Makes torchvision importable next to the CPU-only torch build.
-
-  PyPI's torchvision wheel carries CUDA-built C++ ops that cannot load next to the CPU
-  torch (libc10_cuda.so is missing), and its `_meta_registrations` module then fails
-  registering fake kernels for those missing ops. open_clip and transformers import
-  torchvision (transforms, a ResNet helper) but never call those ops; so that one module
-  is skipped (an empty module in its place) and the rest of torchvision, open_clip and
-  transformers stay real.
-  """
-  import sys
-  import types
-
-  try:
-    import torchvision  # noqa: F401
-  except RuntimeError:
-    for k in [k for k in sys.modules if k.startswith("torchvision")]:
-      del sys.modules[k]
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-  except ImportError:
-    pass
-
-
-_torchvision_on_cpu_torch()
 CAPTIONS = ["a large red circle to the left of a small blue square",
             "two green stars", "A picture of a DOG; running!", "x"]
 
@@ -46,7 +24,7 @@ def test_minilm_matches_torch_bert():
   transformers = pytest.importorskip("transformers")
   d = convert.minilm_dir()
   cfg = convert.bert_config(d)
-  tok = Tokenizer(32)
+  tok = tokenizers.make("wordpiece", 32)
   ids = tok.encode_batch(CAPTIONS)
   mask = (ids != 0).astype(np.int64)
   os.environ["HF_HUB_OFFLINE"] = "1"
@@ -122,7 +100,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def test_open_clip_vit_b32_matches_torch():
   """Random-init open_clip ViT-B-32 -> TwoTower; both towers and the tokenizer agree with torch."""
   open_clip = pytest.importorskip("open_clip")
-  from mcad_jax.data.clip_tokenizer import ClipTokenizer
   from mcad_jax.models.two_tower import TwoTower
 
   torch.manual_seed(0)
@@ -131,7 +108,7 @@ def test_open_clip_vit_b32_matches_torch():
   kw = convert.clip_model_kwargs(sd)
   assert kw["image_size"] == 224 and kw["text_len"] == 77 and kw["embed_dim"] == 512
 
-  ids = ClipTokenizer(77).encode_batch(CAPTIONS + ["&amp; an  html   entity", "word " * 100])
+  ids = tokenizers.make("clip", 77).encode_batch(CAPTIONS + ["&amp; an  html   entity", "word " * 100])
   want_ids = open_clip.tokenize(CAPTIONS + ["&amp; an  html   entity", "word " * 100]).numpy()
   np.testing.assert_array_equal(ids, want_ids)
 

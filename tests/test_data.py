@@ -1,10 +1,9 @@
-"""Scene generator, tokenizer and input pipeline."""
+"""Scene generator and input pipeline (tokenizers: test_tokenizer.py)."""
 
 import numpy as np
 import pytest
 
-from mcad_jax.data import scenes
-from mcad_jax.data.tokenizer import Tokenizer
+from mcad_jax.data import scenes, tokenizer as tokenizers
 
 
 def test_scenes_are_deterministic_and_split_dependent():
@@ -47,38 +46,10 @@ def test_spec_validation():
     scenes.SceneSpec(num_colors=99).validate()
 
 
-def test_tokenizer_policy():
-  tok = Tokenizer(8)
-  ids = tok.encode("A small, RED circle!")
-  assert ids.dtype == np.int32 and ids.shape == (8,)
-  assert ids[0] == tok.cls_id
-  words = [tok.inv_vocab[int(i)] for i in ids if i]
-  assert words == ["[CLS]", "a", "small", ",", "red", "circle", "!", "[SEP]"]
-  long = tok.encode("one two three four five six seven eight nine")
-  assert long[-1] == tok.sep_id and (long != 0).all()
-  short = tok.encode("red")
-  assert list(short[3:]) == [0] * 5
-  assert tok.decode(tok.encode("a tiny rhombus")) == "a tiny rhombus"
-
-
-def test_tokenizer_wordpiece_and_unknown():
-  tok = Tokenizer(16)
-  # 'rhombuses' is not one token: it splits into word pieces that join back.
-  ids = tok.ids("rhombuses")
-  assert len(ids) > 1 and tok.decode(ids) == "rhombuses"
-  assert tok.ids("\u2603\u2603") == [tok.unk_id]  # No piece covers it.
-  assert tok.ids("Caf\u00e9") == tok.ids("cafe")  # Accents stripped, as BERT-uncased.
-
-
-def test_tokenizer_rejects_bad_length():
-  with pytest.raises(ValueError, match="max_len"):
-    Tokenizer(1)
-
-
 def test_train_pipeline_is_deterministic_and_resumable(tiny_data):
   from mcad_jax.data import pipeline
 
-  tok = Tokenizer(tiny_data.text_len)
+  tok = tokenizers.make("wordpiece", tiny_data.text_len)
   it = pipeline.train_iterator(tiny_data, tok, 16, seed=3)
   first = [next(it) for _ in range(3)]
   state = it.get_state()
@@ -98,7 +69,7 @@ def test_train_pipeline_is_deterministic_and_resumable(tiny_data):
 def test_eval_set(tiny_data):
   from mcad_jax.data import pipeline
 
-  tok = Tokenizer(tiny_data.text_len)
+  tok = tokenizers.make("wordpiece", tiny_data.text_len)
   ev = pipeline.eval_set(tiny_data, tok)
   assert ev.images.shape == (200, 32, 32, 3)
   assert ev.texts.shape == (1000, 16)
@@ -119,7 +90,7 @@ def test_processes_split_each_global_batch(tiny_data):
   """Two processes' local batches hold exactly the rows of the 1-process global batch."""
   from mcad_jax.data import pipeline
 
-  tok = Tokenizer(tiny_data.text_len)
+  tok = tokenizers.make("wordpiece", tiny_data.text_len)
   whole = pipeline.train_iterator(tiny_data, tok, 8, seed=5, process=(0, 1))
   parts = [pipeline.train_iterator(tiny_data, tok, 8, seed=5, process=(i, 2)) for i in range(2)]
   for _ in range(3):
@@ -136,7 +107,7 @@ def test_record_index_stays_in_range_across_epochs(tiny_data):
   from mcad_jax.data import pipeline
 
   n = len(pipeline.data_source(tiny_data, "train"))
-  it = pipeline.train_iterator(tiny_data, Tokenizer(tiny_data.text_len), 256, seed=0)
+  it = pipeline.train_iterator(tiny_data, tokenizers.make("wordpiece", tiny_data.text_len), 256, seed=0)
   seen = np.concatenate([next(it)["index"] for _ in range(2 * n // 256 + 1)])
   assert seen.max() < n and seen.min() >= 0
   assert len(np.unique(seen[:n - n % 256])) == n - n % 256  # An epoch visits each record once.

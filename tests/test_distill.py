@@ -112,7 +112,8 @@ def _steps(config, name, workdir, n=2):
   start = jax.device_get(state["params"])
   from mcad_jax.data import pipeline
 
-  it = pipeline.train_iterator(config.data, stages.tokenizer(config), scfg.batch_size, 0)
+  it = pipeline.train_iterator(config.data, stage.tokenizer or stages.tokenizer(config), scfg.batch_size,
+                               0, extra=stage.extra_tokenizers)
   fn = jax.jit(lambda s, b, f: train.train_step(
       s, b, f, loss_fn=stage.loss_fn, tx=tx, schedule=sched, accum=1, base_rng=jax.random.key(1),
       update_mask=stage.update_mask))
@@ -194,4 +195,37 @@ def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_pa
   # The hard columns' teacher outputs (twins' embeddings and ITM logits) come from the cache too.
   assert stage.host_fn is not None
   assert {"teacher_f", "teacher_hard_t", "teacher_hard_itm"} <= set(stage.batch_keys)
+  np.testing.assert_allclose(cached, online, rtol=2e-5)
+
+
+def test_each_teacher_reads_its_own_tokenizer(tiny_data, tmp_path):
+  """A CLIP-BPE dual teacher, a WordPiece fusion teacher with its own towers and length, and a
+  WordPiece student in one run: batches carry each tokenizer's ids, and online teachers and the
+  teacher cache (which tokenizes the training split itself) give the same losses."""
+  del tiny_data
+  config = shapes.get_config("smoke")
+  config.data.data_dir = ""
+  config.teacher.model.update(dict(tokenizer="clip", text_len=12))
+  config.fusion_teacher.model.text_len = 20
+  config.fusion_teacher.fusion.update(dict(towers_from="", freeze_towers=False))
+  mesh = sharding.make_mesh(config.mesh)
+  for name in ("teacher", "fusion_teacher"):
+    st = stages.build(config, name, str(tmp_path), mesh)
+    params = jax.jit(st.init)(jax.random.key(len(name)))
+    assert st.tokenizer.name == {"teacher": "clip12", "fusion_teacher": "wordpiece20"}[name]
+    ck = checkpoint.Checkpointer(str(tmp_path / name / "checkpoints"), async_save=False)
+    ck.save(1, {"params": params, "step": jnp.int32(1)}, {"iter": {}})
+    ck.close()
+  assert params["dual"]["txt"]["pos_embedding"].shape[1] == 20
+  _, _, online, _, stage = _steps(config, "distill", tmp_path, n=1)
+  assert {"text", "text@clip12", "text@wordpiece20"} <= set(stage.batch_keys)
+  from mcad_jax.data import pipeline
+
+  b = next(pipeline.train_iterator(config.data, stage.tokenizer, 8, 0, extra=stage.extra_tokenizers))
+  assert b["text"].shape == (8, config.data.text_len) and b["text@wordpiece20"].shape == (8, 20)
+  assert (b["text@clip12"][:, 0] == 49406).all() and (b["text"][:, 0] == 101).all()
+  assert (b["hn_true@clip12"][:, 0] == 49406).all() if "hn_true@clip12" in b else True
+  config.distill.cache = True
+  _, _, cached, _, stage = _steps(config, "distill", tmp_path, n=1)
+  assert "text@clip12" not in stage.batch_keys
   np.testing.assert_allclose(cached, online, rtol=2e-5)

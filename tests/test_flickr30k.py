@@ -7,8 +7,7 @@ import pytest
 from PIL import Image
 
 from configs import flickr30k
-from mcad_jax.data import pipeline
-from mcad_jax.data.tokenizer import Tokenizer
+from mcad_jax.data import pipeline, tokenizer as tokenizers
 
 SPLITS = ["train"] * 4 + ["restval"] + ["val"] * 2 + ["test"] * 3
 
@@ -44,10 +43,10 @@ def test_karpathy_splits_and_captions(tmp_path):
   assert all(len(test[i]["captions"]) == 5 for i in range(3))
   # The test split is exactly Karpathy's test images (7, 8, 9 here), decoded at full size.
   assert sorted(test[i]["image"].shape[0] for i in range(3)) == [47, 48, 49]
-  tok = Tokenizer(data.text_len)
+  tok = tokenizers.make("wordpiece", data.text_len)
   ev = pipeline.eval_set(data, tok)
   assert ev.images.shape == (3, 32, 32, 3) and ev.texts.shape == (15, data.text_len)
-  assert sorted(tok.decode(t) for t in ev.texts[::5]) == [f"photo {i} caption 0 ." for i in (7, 8, 9)]
+  assert sorted(tok.decode(t) for t in ev.texts[::5]) == [f"photo {i} caption 0." for i in (7, 8, 9)]
   b = next(pipeline.train_iterator(data, tok, 4, seed=0))
   assert b["image"].shape == (4, 32, 32, 3) and b["text"].shape == (4, data.text_len)
 

@@ -181,22 +181,38 @@ def resize_crop(img: np.ndarray, size: int, rng: np.random.Generator | None) -> 
   return img[top:top + size, left:left + size]
 
 
+def ids_key(field: str, tok: Tokenizer | None = None) -> str:
+  """Batch key of text `field` ('text', 'hn_true', ...) in the ids of `tok` (None: the stage's own).
+
+  A stage's own model reads `text`; a teacher with a tokenizer of its own reads `text@<tok.name>`.
+  """
+  return field if tok is None else f"{field}@{tok.name}"
+
+
 class TrainPreprocess:
   """Random caption choice, tokenization and crop for one training example.
 
   Besides `image` and `text` it emits `index` (the example's record index) and
   `cap` (which caption was picked), which key the teacher-output cache, and, if
   the dataset has them and `data.hard_negatives` is set, the tokenized
-  relation / attribute twins of the example with validity flags.
+  relation / attribute twins of the example with validity flags. Every text is
+  tokenized once per tokenizer: by `tokenizer` into `text` (the stage's own model),
+  and by each of `extra` (the teachers') into `ids_key(field, tok)`.
   """
 
-  def __init__(self, data_cfg, tokenizer: Tokenizer):
+  def __init__(self, data_cfg, tokenizer: Tokenizer, extra: tuple[Tokenizer, ...] = ()):
     ad = adapter(data_cfg.tfds_name)
     self.captions_key = ad.captions_key
     self.twins = ad.hard_negatives and data_cfg.get("hard_negatives", False)
     self.size = data_cfg.image_size
     self.augment = data_cfg.augment
     self.tok = tokenizer
+    self.extra = tuple({t.name: t for t in extra}.values())
+
+  def _tokenize(self, field: str, text, out: dict) -> None:
+    out[field] = self.tok.encode(text)
+    for t in self.extra:
+      out[ids_key(field, t)] = out[field] if t.name == self.tok.name else t.encode(text)
 
   def __call__(self, item: tuple[int, dict], rng: np.random.Generator) -> dict[str, np.ndarray]:
     index, ex = item
@@ -206,12 +222,12 @@ class TrainPreprocess:
     # Only the first 5 captions are cacheable (COCO has a few images with 6-7).
     cap = int(rng.integers(min(len(caps), NUM_EVAL_CAPTIONS)))
     image = resize_crop(ex["image"], self.size, rng if self.augment else None)
-    out = {"image": image.astype(np.uint8), "text": self.tok.encode(caps[cap]),
-           "index": np.int32(index), "cap": np.int32(cap)}
+    out = {"image": image.astype(np.uint8), "index": np.int32(index), "cap": np.int32(cap)}
+    self._tokenize("text", caps[cap], out)
     if self.twins:
       for k in ("true", "relation", "attribute"):
         s = _as_str(ex[f"hn_{k}"])
-        out[f"hn_{k}"] = self.tok.encode(s)
+        self._tokenize(f"hn_{k}", s, out)
         out[f"hn_{k}_valid"] = np.bool_(bool(s))
       out["num_objects"] = np.int32(ex["num_objects"])
       out["hn_cells"] = np.asarray(ex["hn_cells"], np.int32)
@@ -219,11 +235,12 @@ class TrainPreprocess:
 
 
 def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
-                  process: tuple[int, int] | None = None):
+                  process: tuple[int, int] | None = None, extra: tuple[Tokenizer, ...] = ()):
   """grain IterDataset of this process's share of each global training batch.
 
   Args:
     process: (index, count); defaults to this JAX process.
+    extra: more tokenizers whose ids the batches carry (see `TrainPreprocess`).
   """
   import grain
   import jax
@@ -238,7 +255,7 @@ def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
   ds = ds.seed(seed).shuffle().repeat()
   # Random choices are seeded by the global stream index, so they are the same
   # whichever process reads an element: map first, then stride.
-  ds = ds.random_map(TrainPreprocess(data_cfg, tokenizer))
+  ds = ds.random_map(TrainPreprocess(data_cfg, tokenizer, extra))
   ds = ds[p::n_proc]
   ds = ds.batch(global_batch // n_proc, drop_remainder=True)
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=data_cfg.num_threads,
@@ -246,9 +263,9 @@ def train_dataset(data_cfg, tokenizer: Tokenizer, global_batch: int, seed: int,
 
 
 def train_iterator(data_cfg, tokenizer, global_batch, seed, state: dict | None = None,
-                   process: tuple[int, int] | None = None) -> Iterator:
+                   process: tuple[int, int] | None = None, extra: tuple[Tokenizer, ...] = ()) -> Iterator:
   """A checkpointable iterator (`get_state()`/`set_state()`) of local batches."""
-  it = iter(train_dataset(data_cfg, tokenizer, global_batch, seed, process))
+  it = iter(train_dataset(data_cfg, tokenizer, global_batch, seed, process, extra))
   if state is not None:
     it.set_state(state)
   return it

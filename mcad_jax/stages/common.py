@@ -42,6 +42,9 @@ class Stage:
       teacher-output cache lookup), or None.
     freeze: regexes of param paths the optimizer must leave alone (no update, no decay),
       on top of the config's `freeze`.
+    tokenizer: the stage's own model's tokenizer (batch key `text`); None: the run's default.
+    extra_tokenizers: the teachers' tokenizers, whose ids batches also carry
+      (`pipeline.ids_key('text', tok)`).
   """
 
   init: Callable[[jax.Array], Any]
@@ -53,18 +56,24 @@ class Stage:
   batch_keys: tuple[str, ...] = ("image", "text")
   host_fn: Callable | None = None
   freeze: tuple[str, ...] = ()
+  tokenizer: Tokenizer | None = None
+  extra_tokenizers: tuple[Tokenizer, ...] = ()
 
 
-def tokenizer(config) -> Tokenizer:
-  return tokenizers.for_data(config.data)
+def tokenizer(config, model_cfg=None) -> Tokenizer:
+  """The tokenizer of a model config (its `tokenizer` / `text_len`), else the run's default."""
+  if model_cfg is None:
+    return tokenizers.for_data(config.data)
+  return tokenizers.for_model(config.data, model_cfg)
 
 
 def dual_model(config, model_cfg) -> two_tower.TwoTower:
-  return two_tower.build(model_cfg, tokenizer(config).vocab_size, config.data.text_len)
+  tok = tokenizer(config, model_cfg)
+  return two_tower.build(model_cfg, tok.vocab_size, tok.max_len)
 
 
-def dummy_batch(config, n: int = 1):
-  s, L = config.data.image_size, config.data.text_len
+def dummy_batch(config, n: int = 1, model_cfg=None):
+  s, L = config.data.image_size, tokenizer(config, model_cfg).max_len
   return jnp.zeros((n, s, s, 3), jnp.uint8), jnp.zeros((n, L), jnp.int32)
 
 
@@ -104,7 +113,7 @@ def pretrained_init(config, scfg, model, under: str | None = None) -> Callable |
   def load(params):
     from mcad_jax import convert
 
-    name, new = convert.load_pretrained(spec, config.data.text_len, model.text["heads"])
+    name, new = convert.load_pretrained(spec, model.text["max_len"], model.text["heads"])
     log.info("Stage params %s from pretrained %s.", name or "(all)", spec)
     if under:
       return {**params, under: convert.graft(params[under], name, new)}
@@ -113,8 +122,10 @@ def pretrained_init(config, scfg, model, under: str | None = None) -> Callable |
   return load
 
 
-def eval_dual(config, model, params, mesh, row: str) -> dict:
-  test = pipeline.eval_set(config.data, tokenizer(config), limit=config.data.eval_limit or None)
+def eval_dual(config, model, params, mesh, row: str, model_cfg=None) -> dict:
+  """Retrieval of a two-tower model on the test split, with its own tokenizer."""
+  test = pipeline.eval_set(config.data, tokenizer(config, model_cfg),
+                           limit=config.data.eval_limit or None)
   enc_img, enc_txt = encoders(model)
   out, _, _ = evaluate.evaluate_dual(enc_img, enc_txt, params, test, mesh,
                                      batch_size=config.eval_batch_size)

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from mcad_jax import distill, losses, teacher_cache
+from mcad_jax.stages import common
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, teacher_scale
 from mcad_jax.stages.teachers import load_teachers, teacher_fns
 
@@ -21,7 +22,7 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
   dcfg = scfg
   table = distill.edge_table(dcfg)
   student = dual_model(config, scfg.model)
-  img, txt = dummy_batch(config)
+  img, txt = dummy_batch(config, model_cfg=scfg.model)
   frozen = load_teachers(config, dcfg, workdir, mesh) if distill.uses_teacher(dcfg) else None
   mcad = dcfg.recipe == "mcad"
   t_dim, f_dim = (distill.teacher_dims(frozen["dual"], frozen["fusion"]) if frozen is not None
@@ -67,7 +68,7 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       tout = {k: batch[f"teacher_{k}"] for k in cache.keys}
       tout["scale"] = teacher_scale(frozen)
     else:
-      tout = fwd(frozen, batch["image"], batch["text"])
+      tout = fwd.on_batch(frozen, batch)
     hp = params["heads"]
     if mcad and dcfg.mcad.proj == "fixed":
       hp = {k: (jax.lax.stop_gradient(v) if k not in ("proj_img", "proj_txt") else v)
@@ -122,10 +123,15 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       return jax.tree_util.tree_map_with_path(one, params)
 
   keys = ("image", "text") + (tuple(f"teacher_{k}" for k in cache.keys) if cache else ())
+  online = fwd is not None and cache is None  # Online teachers read their own tokenizers' ids.
   if hard:
     keys += tuple(f"hn_{k}" for k in HARD) + tuple(f"hn_{k}_valid" for k in HARD)
+    keys += fwd.keys(tuple(f"hn_{k}" for k in HARD)) if online else ()
   return Stage(
-      init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask, batch_keys=keys,
+      init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask,
+      batch_keys=keys + (fwd.batch_keys if online else ()),
       load_init=pretrained_init(config, scfg, student, under="student"),
-      host_fn=cache.lookup if cache else None,
-      evaluate=lambda params, mesh: eval_dual(config, student, params["student"], mesh, scfg.report_as))
+      host_fn=cache.lookup if cache else None, tokenizer=common.tokenizer(config, scfg.model),
+      extra_tokenizers=tuple(t for t in fwd.tokenizers.values() if t) if online else (),
+      evaluate=lambda params, mesh: eval_dual(config, student, params["student"], mesh,
+                                              scfg.report_as, scfg.model))

@@ -17,12 +17,18 @@ from mcad_jax import curriculum, evaluate, losses
 from mcad_jax.data import pipeline
 from mcad_jax.models import two_tower
 from mcad_jax.models.fusion import FusionTeacher
+from mcad_jax.stages import common
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, restore_params, teacher_scale, tokenizer
 
 log = logging.getLogger(__name__)
 
 
 def fusion_model(config, scfg) -> FusionTeacher:
+  if scfg.fusion.get("arch", "ours") == "blip":  # BLIP's ITM model (models/blip.py), same interface.
+    from mcad_jax.models import blip
+
+    tok = tokenizer(config, scfg.model)
+    return blip.build(scfg.model, tok.vocab_size, tok.max_len)
   tower = dual_model(config, scfg.model)
   fk = two_tower.size_kwargs(scfg.fusion.size)
   fk.update(dict(scfg.fusion.get("kw", {})))
@@ -36,13 +42,17 @@ def fusion_model(config, scfg) -> FusionTeacher:
 def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
   model = fusion_model(config, scfg)
   fcfg = scfg.fusion
-  img, txt = dummy_batch(config)
+  img, txt = dummy_batch(config, model_cfg=scfg.model)
   use_twins = bool(config.data.get("hard_negatives", False)) and fcfg.twin_negatives
 
   def init(rng):
     return model.init(rng, img, txt)["params"]
 
+  pretrained = common.pretrained_init(config, scfg, model)  # e.g. 'blip:PATH' (fusion.arch='blip')
+
   def load_init(params):
+    if pretrained is not None:
+      params = pretrained(params)
     if not fcfg.towers_from:
       return params
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
@@ -171,13 +181,14 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
                                "hn_attribute", "hn_attribute_valid", "num_objects")
                               if use_twins else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
+               tokenizer=tokenizer(config, scfg.model),
                freeze=("^dual/",) if fcfg.freeze_towers else (),
                evaluate=lambda params, mesh: eval_fusion(config, scfg, model, params, mesh))
 
 
 def eval_fusion(config, scfg, model, params, mesh) -> dict:
   """The fusion teacher ranks: it re-ranks the top-k of its own dual towers with ITM."""
-  test = pipeline.eval_set(config.data, tokenizer(config), limit=config.data.eval_limit or None)
+  test = pipeline.eval_set(config.data, tokenizer(config, scfg.model), limit=config.data.eval_limit or None)
   return {scfg.report_as: fusion_metrics(config, scfg, model, params, mesh, test)}
 
 

@@ -12,6 +12,8 @@ from typing import Any, Callable
 import jax
 
 from mcad_jax import distill
+from mcad_jax.data import pipeline
+from mcad_jax.stages import common
 from mcad_jax.stages.common import abstract_params, dual_model, dummy_batch, restore_params, teacher_scale
 from mcad_jax.stages.fusion import fusion_model
 
@@ -28,11 +30,12 @@ def teacher_models(config, dcfg):
 def load_teachers(config, dcfg, workdir: str, mesh):
   """Frozen teacher params {'dual': ..., 'fusion': ... or None}, sharded like training state."""
   dual, fusion = teacher_models(config, dcfg)
-  img, txt = dummy_batch(config)
+  img, txt = dummy_batch(config, model_cfg=config[dcfg.teachers.dual].model)
   out = {"dual": restore_params(
       config, workdir, dcfg.teachers.dual,
       abstract_params(lambda r: dual.init(r, img, txt)["params"], mesh, config)), "fusion": None}
   if fusion is not None:
+    img, txt = dummy_batch(config, model_cfg=config[dcfg.teachers.fusion].model)
     out["fusion"] = restore_params(
         config, workdir, dcfg.teachers.fusion,
         abstract_params(lambda r: fusion.init(r, img, txt)["params"], mesh, config))
@@ -50,19 +53,41 @@ class TeacherFns:
   """Frozen-teacher forward passes, split so the cache can encode each image once.
 
   image(frozen, images) -> (v, fusion image tokens or None)
-  text(frozen, ids) -> (t, (fusion text tokens, mask) or None)
+  text(frozen, ids, fusion_ids=None) -> (t, (fusion text tokens, mask) or None); each teacher
+    reads the ids of its own tokenizer (`fusion_ids` None: the same as the dual teacher's)
   fuse(frozen, img_tokens, txt_tokens, txt_mask) -> (f, itm)
+  tokenizers: {'dual': tokenizer, 'fusion': tokenizer or None}
   """
 
   image: Callable
   text: Callable
   fuse: Callable | None
   fusion: Any
+  tokenizers: dict = dataclasses.field(default_factory=dict)
 
-  def __call__(self, frozen, images, ids):
+  @property
+  def batch_keys(self) -> tuple[str, ...]:
+    """The batch fields the online teachers read: their own tokenizers' ids."""
+    return self.keys(("text",))
+
+  def keys(self, fields) -> tuple[str, ...]:
+    """Batch keys of text `fields` in the ids of each teacher's tokenizer."""
+    return tuple(dict.fromkeys(pipeline.ids_key(f, t) for f in fields for t in self.tokenizers.values() if t))
+
+  def key(self, field: str, which: str) -> str | None:
+    """Batch key of `field` in teacher `which`'s ('dual' / 'fusion') ids, None without that teacher."""
+    t = self.tokenizers.get(which)
+    return pipeline.ids_key(field, t) if t is not None else None
+
+  def on_batch(self, frozen, batch):
+    """Online outputs for a training batch, each teacher on its own ids."""
+    ids = {k: batch[pipeline.ids_key("text", t)] for k, t in self.tokenizers.items() if t}
+    return self(frozen, batch["image"], ids["dual"], ids.get("fusion"))
+
+  def __call__(self, frozen, images, ids, fusion_ids=None):
     """Online outputs for row-aligned pairs: {'v', 't', 'scale'} (+ 'f', 'itm', 'tokens')."""
     v, itok = self.image(frozen, images)
-    t, ttok = self.text(frozen, ids)
+    t, ttok = self.text(frozen, ids, fusion_ids)
     out = {"v": v, "t": t, "scale": teacher_scale(frozen)}
     if self.fuse is not None:
       out["f"], out["itm"] = self.fuse(frozen, itok, *ttok)
@@ -85,16 +110,19 @@ def teacher_fns(config, dcfg) -> TeacherFns:
     # Shared towers: only the fusion teacher's own image tokens (e.g. its conv stem) remain.
     return v, fusion.apply({"params": frozen["fusion"]}, images, aux, method=fusion.context_tokens)
 
-  def text(frozen, ids):
+  def text(frozen, ids, fusion_ids=None):
     t, aux = dual.apply({"params": frozen["dual"]}, ids, method=dual.encode_text)
     if not with_fusion:
       return t, None
     if not share:
-      _, aux = fusion.apply({"params": frozen["fusion"]}, ids, method=fusion.encode_text)
+      fids = ids if fusion_ids is None else fusion_ids
+      _, aux = fusion.apply({"params": frozen["fusion"]}, fids, method=fusion.encode_text)
       return t, (aux["tokens"], aux["mask"])
     return t, fusion.apply({"params": frozen["fusion"]}, ids, aux, method=fusion.text_tokens)
 
   def fuse(frozen, itok, ttok, tmask):
     return fusion.apply({"params": frozen["fusion"]}, itok, ttok, tmask, method=fusion.pair)
 
-  return TeacherFns(image, text, fuse if with_fusion else None, fusion)
+  toks = {"dual": common.tokenizer(config, config[dcfg.teachers.dual].model),
+          "fusion": common.tokenizer(config, config[dcfg.teachers.fusion].model) if with_fusion else None}
+  return TeacherFns(image, text, fuse if with_fusion else None, fusion, toks)
