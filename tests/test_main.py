@@ -103,7 +103,7 @@ def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
   recs = [json.loads(x) for x in (w / "distill" / "metrics.jsonl").read_text().splitlines()]
   assert {"loss/si_st_kl", "loss/ti_si_fd", "loss/tt_st_fd", "loss/si_st_infonce"} <= set(recs[-1])
   fus = [json.loads(x) for x in (w / "fusion_teacher" / "metrics.jsonl").read_text().splitlines()]
-  assert "loss/itm" in fus[-1] and "twin_acc/relation" in fus[-1]
+  assert "loss/twin_softmax" in fus[-1] and "twin_acc/relation" in fus[-1]
   for line in ("teacher", "fusion_teacher", "student"):
     assert line in r.stdout
   # Export: every file verified against JAX, builtin ops only, int8 close to JAX in retrieval.
