@@ -98,8 +98,7 @@ def small_eval_metrics(config, stage: str, params, n: int) -> dict:
   from mcad_jax.data.pipeline import EvalSet
   from mcad_jax.stages import common, fusion
 
-  spec = scenes.SceneSpec(image_size=64, grid=4, num_colors=12, num_shapes=8, min_objects=1,
-                          max_objects=4, jitter=0.15, clutter=3, noise=10.0, color_jitter=12.0)
+  spec = scenes.default_spec()
   tok = common.tokenizer(config, config[stage].model)
   exs = [scenes.example(spec, 0, "test", i) for i in range(n)]
   hard = {k: tok.encode_batch([e[f"hn_{k}"] for e in exs]) for k in ("true", "relation", "attribute")}

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from mcad_jax import curriculum, distill, losses
-from mcad_jax.models import layers  # noqa: F401  (export rules live there)
 from mcad_jax.models.fusion import ConvStem, FusionTeacher
 from mcad_jax.models.text import TextTransformer
 from mcad_jax.models.vit import ViT

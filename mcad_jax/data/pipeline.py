@@ -230,7 +230,6 @@ class TrainPreprocess:
         self._tokenize(f"hn_{k}", s, out)
         out[f"hn_{k}_valid"] = np.bool_(bool(s))
       out["num_objects"] = np.int32(ex["num_objects"])
-      out["hn_cells"] = np.asarray(ex["hn_cells"], np.int32)
     return out
 
 

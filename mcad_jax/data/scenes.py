@@ -96,6 +96,13 @@ class SceneSpec:
           f"{self.min_objects}, {self.max_objects}, grid={self.grid}")
 
 
+# The `shapes/default` dataset's knobs (the demo's data): shared by the TFDS builder and by code
+# that regenerates test scenes without TFDS (mcad_jax/shipped.py).
+def default_spec() -> SceneSpec:
+  return SceneSpec(image_size=64, grid=4, num_colors=12, num_shapes=8, min_objects=1,
+                   max_objects=4, jitter=0.15, clutter=3, noise=10.0, color_jitter=12.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Obj:
   shape: str

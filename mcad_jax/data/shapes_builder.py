@@ -35,9 +35,7 @@ BUILDER_CONFIGS = [
     ShapesConfig(
         name="default",
         description="64 px, 12 colours, 8 shapes, 1-4 objects, 60k train, 5k test.",
-        spec=scenes.SceneSpec(image_size=64, grid=4, num_colors=12, num_shapes=8,
-                              min_objects=1, max_objects=4, jitter=0.15, clutter=3,
-                              noise=10.0, color_jitter=12.0),
+        spec=scenes.default_spec(),
         num_train=60_000, num_validation=1_000, num_test=5_000),
     # The DESIGN §6.1 prototype, for reference.
     ShapesConfig(
