@@ -62,7 +62,7 @@ def write(workdir: str, name: str, stages: tuple[str, ...], command: str, eval_i
   import orbax.checkpoint as ocp
 
   from configs import shapes
-  from mcad_jax import sharding, stages as stage_lib, train
+  from mcad_jax import fileio, sharding, stages as stage_lib, train
 
   config = shapes.get_config("teachers")
   mesh = sharding.make_mesh(config.mesh)
@@ -84,7 +84,7 @@ def write(workdir: str, name: str, stages: tuple[str, ...], command: str, eval_i
     small_eval[stage] = small_eval_metrics(config, stage, jax.device_get(params), eval_images)
   manifest = {"name": name, "command": command, "stages": list(stages),
               "small_eval": {"images": eval_images, "metrics": small_eval}, "sha256": _files(out)}
-  (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+  fileio.atomic_write(str(out / MANIFEST), json.dumps(manifest, indent=2) + "\n")
   return manifest
 
 
