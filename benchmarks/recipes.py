@@ -1,10 +1,11 @@
 """Every distillation recipe on `shapes`, same student, budget and teachers, 3 seeds -> RESULTS.md.
 
-  python benchmarks/recipes.py --teachers workdirs/demo [--seeds 0 1 2] [--steps N] [--write]
+  python benchmarks/recipes.py [--teachers shipped] [--seeds 0 1 2] [--steps N] [--write]
 
-The teachers are the `teacher` and `fusion_teacher` stages of a finished
-`configs/shapes.py` run in --teachers (run `make demo` first; this script runs
-the missing teacher stages itself). Each recipe then trains the demo's student
+The teachers are the ones shipped in mcad_jax/weights/shapes (`--teachers shipped`, the
+default: evaluated once into --out/teachers), or the `teacher` and `fusion_teacher` stages of a
+`configs/shapes.py` run in --teachers (this script runs the missing teacher stages itself).
+`--set data.source=generate` runs without TensorFlow (a GPU image). Each recipe then trains the demo's student
 from those frozen teachers, reading teacher outputs from the cache (the same
 losses as online teachers, tested), and is evaluated on the 5k test split.
 With --write the table replaces the section between the markers in RESULTS.md.
@@ -45,8 +46,9 @@ def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: i
 
   c = shapes.get_config(base_arg)
   c.stages = ("distill",)
-  c.teacher.weights = os.path.join(teachers, "teacher", "checkpoints")
-  c.fusion_teacher.weights = os.path.join(teachers, "fusion_teacher", "checkpoints")
+  if teachers != "shipped":  # The demo variant starts from the shipped ones.
+    c.teacher.weights = os.path.join(teachers, "teacher", "checkpoints")
+    c.fusion_teacher.weights = os.path.join(teachers, "fusion_teacher", "checkpoints")
   c.distill.recipe = recipe
   c.distill.cache = True
   c.seed = seed
@@ -56,8 +58,10 @@ def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: i
   return c
 
 
-def apply_overrides(dcfg, sets: list[str]) -> str:
-  """Applies KEY=VALUE overrides to the distill section; returns a directory tag for them."""
+def apply_overrides(dcfg, sets: list[str], root=None) -> str:
+  """Applies KEY=VALUE overrides to the distill section `dcfg` (to `root`, the whole config, when
+  KEY starts with one of its sections other than distill's, e.g. data.source); returns a
+  directory tag for the distill ones."""
   import ast
   import re
 
@@ -70,10 +74,14 @@ def apply_overrides(dcfg, sets: list[str]) -> str:
       val = value
     node = dcfg
     *parents, leaf = key.split(".")
+    on_root = root is not None and parents and parents[0] not in dcfg and parents[0] in root
+    if on_root:
+      node = root
     for k in parents:
       node = node[k]
     node[leaf] = val
-    tag += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{key}={value}").strip("-")[:40]
+    if not on_root:
+      tag += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", f"{key}={value}").strip("-")[:40]
   return tag
 
 
@@ -84,7 +92,8 @@ def fmt(xs):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--teachers", default="workdirs/demo")
+  ap.add_argument("--teachers", default="shipped",
+                  help="'shipped' (mcad_jax/weights/shapes) or a configs/shapes.py workdir")
   ap.add_argument("--variant", default="demo")
   ap.add_argument("--out", default="workdirs/recipes")
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -106,7 +115,9 @@ def main():
   t0 = time.time()
   base = shapes.get_config(args.variant)
   base.stages = ("teacher", "fusion_teacher")
-  teachers = run(base, args.teachers)  # Skips what is already finished.
+  sweep = apply_overrides(base.distill, args.set, base)  # Non-empty: distill overrides, a sweep.
+  # Skips what is already finished; the shipped teachers are only evaluated.
+  teachers = run(base, os.path.join(args.out, "teachers") if args.teachers == "shipped" else args.teachers)
   rows: dict[str, list[dict]] = {}
   for name, recipe, fixed in ROWS:
     if args.recipes and name not in args.recipes:
@@ -114,7 +125,7 @@ def main():
     for seed in args.seeds:
       cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
       cfg.distill.update(fixed)
-      tag = apply_overrides(cfg.distill, args.set)
+      tag = apply_overrides(cfg.distill, args.set, cfg)
       out = os.path.join(args.out, f"{name}{tag}_seed{seed}")
       if args.collect and not os.path.exists(os.path.join(out, "distill", "done.json")):
         continue
@@ -126,11 +137,15 @@ def main():
   minutes = (time.time() - t0) / 60
 
   steps = args.steps or base.distill.steps
+  import jax
+
   lines = [f"`python benchmarks/recipes.py --teachers {args.teachers} --seeds "
-           f"{' '.join(map(str, args.seeds))}{f' --steps {args.steps}' if args.steps else ''} --write`"
+           f"{' '.join(map(str, args.seeds))}{f' --steps {args.steps}' if args.steps else ''}"
+           f"{''.join(' --set ' + x for x in args.set)} --write`"
            f": student `{base.distill.model.image}` + `{base.distill.model.text}` text, "
            f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
-           f"mean ± std over {len(args.seeds)} seeds; {minutes:.0f} min on this machine.",
+           f"mean ± std over {len(args.seeds)} seeds; {minutes:.0f} min on "
+           f"{jax.devices()[0].device_kind}.",
            "",
            "| model | " + " | ".join(COLS) + " | hn relation | hn colour |",
            "|---" * (len(COLS) + 3) + "|"]
@@ -145,7 +160,7 @@ def main():
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
                  f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
   print("\n".join(lines))
-  if args.write and not args.set:
+  if args.write and not sweep:
     from benchmarks.report import write_section
 
     write_section("RESULTS.md", "recipes", "Recipes on `shapes`", lines)

@@ -1,12 +1,16 @@
 """Train-step throughput, an MFU ratio on this machine, and state memory vs mesh size.
 
   python benchmarks/train_step.py [--config=configs/shapes.py] [--steps=30] [--write]
+  python benchmarks/train_step.py --config=configs/coco.py --dtype=bfloat16 --batch 128 256 512 \
+      --matmul-n=8192   # on a GPU: the largest batch that fits is the last row that is not OOM
 
 Measured in one run:
 - examples/s of the jitted, donated train step on one device, on a fixed
   synthetic batch (the input pipeline is not timed);
 - achieved FLOP/s (XLA's cost analysis of the step / wall time) divided by the
   FLOP/s of a large f32 matmul timed in the same run: an MFU ratio for this CPU;
+- the step's device memory (arguments + temporaries + outputs, from
+  `compiled.memory_analysis()` of the step), per batch size;
 - per-device params + optimizer bytes of the sharded init, from
   `compiled.memory_analysis()`, on meshes of 1, 2, 4 and 8 (fake CPU) devices,
   for the config's teacher and for configs/coco.py's ViT-B/16 teacher (compiled,
@@ -75,26 +79,41 @@ def step_throughput(config, name: str, steps: int) -> dict:
                                                base_rng=jax.random.key(0)),
                in_shardings=(shard, sharding.batch_sharding(mesh)),
                out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
-  compiled = fn.lower(state, batch).compile()
+  try:
+    compiled = fn.lower(state, batch).compile()
+  except Exception as e:  # noqa: BLE001 - XLA reports OOM at compile time as several types.
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return {"batch": b, "oom": True}
+    raise
+  mem = compiled.memory_analysis()
+  step_bytes = sum(getattr(mem, k, 0) or 0 for k in (
+      "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")) - (
+      getattr(mem, "alias_size_in_bytes", 0) or 0)
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
-  for _ in range(3):  # Warm-up.
-    state, m = compiled(state, batch)
-  jax.block_until_ready(m)
+  try:
+    for _ in range(3):  # Warm-up.
+      state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+  except Exception as e:  # noqa: BLE001
+    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+      return {"batch": b, "oom": True}
+    raise
   t = time.perf_counter()
   for _ in range(steps):
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / steps
   return {"batch": b, "step_s": dt, "examples_per_s": b / dt, "flops_per_step": flops,
-          "achieved_flops": flops / dt}
+          "achieved_flops": flops / dt, "step_bytes": step_bytes}
 
 
 def memory_by_mesh(config, name: str) -> dict[int, int]:
   out = {}
+  cpus = jax.devices("cpu")  # Compiled, never run: the 8 fake CPU devices, also on a GPU host.
   for n in (1, 2, 4, 8):
-    mesh = sharding.make_mesh((("data", 1), ("fsdp", -1)), jax.devices()[:n])
+    mesh = sharding.make_mesh((("data", 1), ("fsdp", -1)), cpus[:n])
     out[n] = train.state_bytes_per_device(config, name, mesh)
   return out
 
@@ -106,40 +125,52 @@ def main():
   ap.add_argument("--steps", type=int, default=30)
   ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                   help="compute dtype of the stage's model and of the reference matmul (bf16 on a GPU)")
-  ap.add_argument("--batch", type=int, help="global batch instead of the config's")
+  ap.add_argument("--batch", type=int, nargs="+", help="global batch(es) instead of the config's")
+  ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                  help="override a config field (python literal), e.g. distill.recipe=student_only")
   ap.add_argument("--matmul-n", type=int, default=2048, help="reference matmul size (8192 on a GPU)")
   ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+  ap.add_argument("--section", default="train_step",
+                  help="BENCHMARKS.md section to replace (train_step_gpu for a GPU's table)")
   args = ap.parse_args()
 
+  from benchmarks.recipes import apply_overrides
+
   config = load_config(args.config)
+  apply_overrides(config, args.set, config)
   config[args.stage].model.dtype = args.dtype
-  if args.batch:
-    config[args.stage].batch_size = args.batch
   peak = matmul_flops_per_sec(args.matmul_n, dtype=args.dtype)
-  thr = step_throughput(config, args.stage, args.steps)
+  rows = []
+  for b in args.batch or [config[args.stage].batch_size]:
+    config[args.stage].batch_size = b
+    rows.append(step_throughput(config, args.stage, args.steps))
+    print(rows[-1], flush=True)
   mem = {args.config: memory_by_mesh(config, args.stage),
          "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
 
   lines = [
       f"Measured by `python benchmarks/train_step.py --config={args.config} --stage={args.stage} "
       f"--steps={args.steps} --dtype={args.dtype} --matmul-n={args.matmul_n}"
-      f"{f' --batch={args.batch}' if args.batch else ''} --write` on "
+      f"{' --batch ' + ' '.join(map(str, args.batch)) if args.batch else ''}"
+      f"{''.join(' --set ' + x for x in args.set)} --write` on "
       f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores), "
       f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} devices; the MFU ratio "
       f"divides by a {args.matmul_n}^3 {args.dtype} matmul timed in the same run.",
       "",
       "| config | stage | batch | step (ms) | examples/s | GFLOP/step | achieved GFLOP/s "
-      "| matmul GFLOP/s | MFU ratio |",
-      "|---|---|---|---|---|---|---|---|---|",
-      f"| {args.config} | {args.stage} | {thr['batch']} | {1e3 * thr['step_s']:.1f} "
-      f"| {thr['examples_per_s']:,.0f} | {thr['flops_per_step'] / 1e9:.2f} "
-      f"| {thr['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
-      f"| {thr['achieved_flops'] / peak:.3f} |",
+      "| matmul GFLOP/s | MFU ratio | step memory |",
+      "|---|---|---|---|---|---|---|---|---|---|",
+      *(f"| {args.config} | {args.stage} | {t['batch']} | out of memory | | | | | | |"
+        if t.get("oom") else
+        f"| {args.config} | {args.stage} | {t['batch']} | {1e3 * t['step_s']:.1f} "
+        f"| {t['examples_per_s']:,.0f} | {t['flops_per_step'] / 1e9:.2f} "
+        f"| {t['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
+        f"| {t['achieved_flops'] / peak:.3f} | {t['step_bytes'] / 2**30:.2f} GiB |" for t in rows),
       "",
       "Per-device params + optimizer bytes (`compiled.memory_analysis()` of the sharded init, "
       "FSDP over all devices):",
       "",
-      "| config (teacher) | 1 device | 2 devices | 4 devices | 8 devices | 8 / 1 |",
+      f"| config ({args.stage}; coco.py: teacher) | 1 device | 2 devices | 4 devices | 8 devices | 8 / 1 |",
       "|---|---|---|---|---|---|",
   ]
   for cfg_name, m in mem.items():
@@ -149,7 +180,7 @@ def main():
   if args.write:
     from benchmarks.report import write_section
 
-    write_section("BENCHMARKS.md", "train_step", "Train step", lines)
+    write_section("BENCHMARKS.md", args.section, "Train step", lines)
 
 if __name__ == "__main__":
   main()

@@ -178,6 +178,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.stages = ("teacher",)
   c.data = ml_collections.ConfigDict(dict(
       tfds_name="shapes/default",
+      # 'tfds': prepared TFDS ArrayRecord files (needs TensorFlow once, to prepare them);
+      # 'generate': shapes only, examples straight from the NumPy generator (no TF at all).
+      source="tfds",
+      generate_workers=0,    # 'generate': > 0 renders each split once over that many processes.
       data_dir="",           # '' = TFDS's default (~/tensorflow_datasets or $TFDS_DATA_DIR).
       manual_dir="",         # files of a manual-download dataset (flickr30k), read once to prepare it
       # The default tokenizer of every model that names none (<stage>.model.tokenizer):
@@ -241,9 +245,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
     pipeline.adapter(config.data.tfds_name)
   except ValueError as e:
     raise ConfigError("data.tfds_name", str(e)) from None
+  source = config.data.get("source", "tfds")
+  _need(source in ("tfds", "generate"), "data.source", f"must be 'tfds' or 'generate', got {source!r}")
+  if source == "generate":
+    base, _, variant = config.data.tfds_name.partition(":")[0].partition("/")
+    from mcad_jax.data import scenes
+
+    _need(base == "shapes" and (variant or "default") in scenes.VARIANTS, "data.source",
+          f"'generate' reads the shapes datasets {['shapes/' + v for v in scenes.VARIANTS]}, "
+          f"not {config.data.tfds_name!r}; use data.source='tfds'")
   _need(config.data.image_size > 0, "data.image_size", "must be > 0")
   _need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
   _need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
+  _need(config.data.get("generate_workers", 0) >= 0, "data.generate_workers", "must be >= 0")
   for k in ("prefetch", "eval_limit"):
     _need(config.data[k] >= 0, f"data.{k}", f"must be >= 0, got {config.data[k]}")
   _need(config.shard_min_size >= 0, "shard_min_size", "must be >= 0")

@@ -69,6 +69,8 @@ def ckpt_steps(w, stage="teacher") -> list[int]:
     # 8 fake devices (conftest): a batch of 60 or eval batch of 100 does not split over them.
     (["--config.teacher.batch_size=60"], ["teacher.batch_size", "8 devices"]),
     (["--config.eval_batch_size=100"], ["eval_batch_size", "8 devices"]),
+    (["--config.data.source=generate", "--config.data.tfds_name=coco_captions"],
+     ["data.source", "coco_captions", "data.source='tfds'"]),
     ("workdir-under-a-file", ["--workdir", "cannot create"]),
 ])
 def test_bad_input_exits_2_naming_it(tmp_path, args, fragments):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -137,8 +138,35 @@ class CheckedSource(Sequence):
             f"in {where}: the prepared dataset is damaged; {fix}")
 
 
-def data_source(data_cfg, split: str) -> CheckedSource:
+def generated_source(data_cfg, split: str) -> Sequence:
+  """`data.source='generate'`: a `shapes/<variant>` split read straight from the NumPy generator,
+  the same examples the TFDS builder writes (in another record order), with no TensorFlow and
+  nothing prepared: for machines without TF, such as GPU images. Each read renders its scene,
+  which costs CPU time that reading the prepared files does not."""
+  from mcad_jax.data import scenes
+
+  base, _, variant = data_cfg.tfds_name.partition(":")[0].partition("/")
+  if base != "shapes":
+    raise ValueError(f"data.source='generate' reads only the shapes datasets, not {data_cfg.tfds_name!r}; "
+                     "use data.source='tfds'")
+  workers = data_cfg.get("generate_workers", 0)
+  if workers:
+    return _held_split(variant or "default", split, workers)
+  return scenes.Split(variant or "default", split)
+
+
+@functools.lru_cache(maxsize=4)
+def _held_split(variant: str, split: str, workers: int):
+  """A rendered split, kept for the process (the cache, training and eval read the same one)."""
+  from mcad_jax.data import scenes
+
+  return scenes.Split(variant, split).hold(workers)
+
+
+def data_source(data_cfg, split: str) -> Sequence:
   """Random-access records of a split (prepared on first use); read errors are `DataFault`s."""
+  if data_cfg.get("source", "tfds") == "generate":
+    return generated_source(data_cfg, split)
   ensure_prepared(data_cfg)
   tfds = _tfds()
   try:

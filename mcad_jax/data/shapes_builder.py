@@ -30,26 +30,9 @@ class ShapesConfig(tfds.core.BuilderConfig):
 
 
 BUILDER_CONFIGS = [
-    # The demo's dataset. Harder perception than the DESIGN §6.1 prototype
-    # (more, closer colours; more shapes; jitter and clutter), a 5k test set.
-    ShapesConfig(
-        name="default",
-        description="64 px, 12 colours, 8 shapes, 1-4 objects, 60k train, 5k test.",
-        spec=scenes.default_spec(),
-        num_train=60_000, num_validation=1_000, num_test=5_000),
-    # The DESIGN §6.1 prototype, for reference.
-    ShapesConfig(
-        name="easy",
-        description="48 px, 8 colours, 6 shapes, 1-3 objects in a 3x3 grid, 50k train, 1k test.",
-        spec=scenes.SceneSpec(), num_train=50_000, num_validation=1_000, num_test=1_000),
-    # Small and quick to prepare: smoke runs and tests.
-    ShapesConfig(
-        name="tiny",
-        description="32 px, 6 colours, 4 shapes, 1-3 objects, 2k train, 200 test.",
-        spec=scenes.SceneSpec(image_size=32, grid=2, num_colors=6, num_shapes=4,
-                              min_objects=1, max_objects=3, noise=8.0),
-        num_train=2_000, num_validation=100, num_test=200),
-]
+    ShapesConfig(name=name, description=v.description, spec=v.spec, seed=v.seed,
+                 **{f"num_{split}": n for split, n in v.sizes})
+    for name, v in scenes.VARIANTS.items()]
 
 
 class Shapes(tfds.core.GeneratorBasedBuilder):
