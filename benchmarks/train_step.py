@@ -29,11 +29,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import importlib.util  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mcad_jax import sharding, stages, train  # noqa: E402
@@ -50,7 +50,8 @@ def load_config(spec: str):
 def matmul_flops_per_sec(n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:
   """Best-of-reps FLOP/s of an n x n x n matmul in `dtype` on device 0 (the MFU denominator: a
   GPU's bf16 peak is measured, not taken from its data sheet)."""
-  a = jax.device_put(jnp.ones((n, n), dtype), jax.devices()[0])
+  # Random operands: a matmul of constants can run faster than one of real data.
+  a = jax.device_put(jax.random.normal(jax.random.key(0), (n, n), dtype), jax.devices()[0])
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = float("inf")
@@ -59,6 +60,47 @@ def matmul_flops_per_sec(n: int = 2048, reps: int = 10, dtype: str = "float32") 
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n**3 / best
+
+
+def matmul_flops(closed_jaxpr) -> float:
+  """FLOPs of every dot_general and convolution in a jaxpr (2 per multiply-add), sub-jaxprs and
+  scan bodies included. XLA's cost analysis misses the matmuls it hands to cuBLAS on a GPU, so
+  the MFU numerator is counted here, the same way on every backend (rematerialised forward
+  passes count too: these are the FLOPs the hardware does)."""
+  from jax.extend import core as jcore
+
+  def subs(v):
+    if isinstance(v, jcore.ClosedJaxpr):
+      yield v.jaxpr
+    elif isinstance(v, jcore.Jaxpr):
+      yield v
+    elif isinstance(v, (tuple, list)):
+      for x in v:
+        yield from subs(x)
+
+  def walk(jaxpr, mult: float) -> float:
+    total = 0.0
+    for eqn in jaxpr.eqns:
+      name = eqn.primitive.name
+      if name == "dot_general":
+        (lc, _), _ = eqn.params["dimension_numbers"]
+        lhs, out = eqn.invars[0].aval, eqn.outvars[0].aval
+        total += 2.0 * mult * math.prod(out.shape) * math.prod(lhs.shape[d] for d in lc)
+      elif name == "conv_general_dilated":
+        rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
+        out_feat = eqn.params["dimension_numbers"].rhs_spec[0]
+        total += 2.0 * mult * math.prod(out.shape) * math.prod(rhs.shape) / rhs.shape[out_feat]
+      inner = mult * (eqn.params.get("length", 1) if name == "scan" else 1)
+      branches = list(subs(eqn.params.get("branches", ())))
+      if branches:  # cond: one branch runs; count the costliest.
+        total += max(walk(b, inner) for b in branches)
+        continue
+      for v in eqn.params.values():
+        for sub in subs(v):
+          total += walk(sub, inner)
+    return total
+
+  return walk(closed_jaxpr.jaxpr, 1.0)
 
 
 def step_throughput(config, name: str, steps: int) -> dict:
@@ -89,6 +131,7 @@ def step_throughput(config, name: str, steps: int) -> dict:
   step_bytes = sum(getattr(mem, k, 0) or 0 for k in (
       "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")) - (
       getattr(mem, "alias_size_in_bytes", 0) or 0)
+  counted = matmul_flops(jax.make_jaxpr(fn)(state, batch))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
@@ -105,8 +148,8 @@ def step_throughput(config, name: str, steps: int) -> dict:
     state, m = compiled(state, batch)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / steps
-  return {"batch": b, "step_s": dt, "examples_per_s": b / dt, "flops_per_step": flops,
-          "achieved_flops": flops / dt, "step_bytes": step_bytes}
+  return {"batch": b, "step_s": dt, "examples_per_s": b / dt, "flops_per_step": counted,
+          "xla_flops_per_step": flops, "achieved_flops": counted / dt, "step_bytes": step_bytes}
 
 
 def memory_by_mesh(config, name: str) -> dict[int, int]:
@@ -130,6 +173,8 @@ def main():
                   help="override a config field (python literal), e.g. distill.recipe=student_only")
   ap.add_argument("--matmul-n", type=int, default=2048, help="reference matmul size (8192 on a GPU)")
   ap.add_argument("--write", action="store_true", help="update BENCHMARKS.md")
+  ap.add_argument("--no-mesh-memory", action="store_true",
+                  help="skip the per-mesh state memory table (CPU compiles; already in the CPU table)")
   ap.add_argument("--section", default="train_step",
                   help="BENCHMARKS.md section to replace (train_step_gpu for a GPU's table)")
   args = ap.parse_args()
@@ -145,34 +190,42 @@ def main():
     config[args.stage].batch_size = b
     rows.append(step_throughput(config, args.stage, args.steps))
     print(rows[-1], flush=True)
-  mem = {args.config: memory_by_mesh(config, args.stage),
-         "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
+  mem = {} if args.no_mesh_memory else {
+      args.config: memory_by_mesh(config, args.stage),
+      "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
 
   lines = [
       f"Measured by `python benchmarks/train_step.py --config={args.config} --stage={args.stage} "
       f"--steps={args.steps} --dtype={args.dtype} --matmul-n={args.matmul_n}"
       f"{' --batch ' + ' '.join(map(str, args.batch)) if args.batch else ''}"
-      f"{''.join(' --set ' + x for x in args.set)} --write` on "
+      f"{''.join(' --set ' + x for x in args.set)}{' --no-mesh-memory' if args.no_mesh_memory else ''}"
+      f" --write` on "
       f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores), "
       f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} devices; the MFU ratio "
       f"divides by a {args.matmul_n}^3 {args.dtype} matmul timed in the same run.",
       "",
-      "| config | stage | batch | step (ms) | examples/s | GFLOP/step | achieved GFLOP/s "
-      "| matmul GFLOP/s | MFU ratio | step memory |",
-      "|---|---|---|---|---|---|---|---|---|---|",
-      *(f"| {args.config} | {args.stage} | {t['batch']} | out of memory | | | | | | |"
+      "| config | stage | batch | step (ms) | examples/s | GFLOP/step (matmuls) "
+      "| GFLOP/step (XLA cost analysis) | achieved GFLOP/s | matmul GFLOP/s | MFU ratio "
+      "| step memory |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
+      *(f"| {args.config} | {args.stage} | {t['batch']} | out of memory | | | | | | | |"
         if t.get("oom") else
         f"| {args.config} | {args.stage} | {t['batch']} | {1e3 * t['step_s']:.1f} "
         f"| {t['examples_per_s']:,.0f} | {t['flops_per_step'] / 1e9:.2f} "
+        f"| {t['xla_flops_per_step'] / 1e9:.2f} "
         f"| {t['achieved_flops'] / 1e9:.1f} | {peak / 1e9:.1f} "
         f"| {t['achieved_flops'] / peak:.3f} | {t['step_bytes'] / 2**30:.2f} GiB |" for t in rows),
-      "",
-      "Per-device params + optimizer bytes (`compiled.memory_analysis()` of the sharded init, "
-      "FSDP over all devices):",
-      "",
-      f"| config ({args.stage}; coco.py: teacher) | 1 device | 2 devices | 4 devices | 8 devices | 8 / 1 |",
-      "|---|---|---|---|---|---|",
   ]
+  if mem:
+    lines += [
+        "",
+        "Per-device params + optimizer bytes (`compiled.memory_analysis()` of the sharded init, "
+        "FSDP over all devices):",
+        "",
+        f"| config ({args.stage}; coco.py: teacher) | 1 device | 2 devices | 4 devices | 8 devices "
+        "| 8 / 1 |",
+        "|---|---|---|---|---|---|",
+    ]
   for cfg_name, m in mem.items():
     lines.append(f"| {cfg_name} | " + " | ".join(f"{m[n] / 2**20:,.1f} MiB" for n in (1, 2, 4, 8))
                  + f" | {m[8] / m[1]:.3f} |")

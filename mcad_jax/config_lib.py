@@ -129,6 +129,10 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   # by KL over those columns; with no teacher (student_only) they are hard negatives.
   c.hard_columns = False
   c.hard_weight = 1.0
+  # With a teacher, also the ground truth over the hard columns (canonical caption vs its twins,
+  # a softmax, as student_only's hard negatives): distillation on top of hard negatives. Our
+  # addition, not in the papers; 0 keeps the KL alone.
+  c.hard_label_weight = 0.0
   c.mcad = ml_collections.ConfigDict(dict(
       mode="matched",       # 'matched': fuse f_ii into v_i, t_i; 'all_pairs': + b * ITM_ij on top-k
       combine="add",        # 'add' | 'concat' | 'gate'
@@ -456,6 +460,8 @@ def _validate_distill(config, name, s) -> None:
   _need(s.conaclip.schedule in ("joint", "two_stage"), f"{name}.conaclip.schedule",
         f"unknown schedule {s.conaclip.schedule!r}")
   _need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")
+  for k in ("hard_weight", "hard_label_weight"):
+    _in(s.get(k, 0.0), f"{name}.{k}", 0)
   if distill.uses_teacher(s):
     _stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
   if distill.needs_fusion(s):

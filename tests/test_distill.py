@@ -130,7 +130,9 @@ def _steps(config, name, workdir, n=2):
 
 slow = pytest.mark.slow
 RECIPE_CASES = [
-    ("student_only", {}), ("clip_kd", {}), ("tinyclip", {}), ("conaclip", {}), ("mcad", {}),
+    # clip_kd also takes the ground truth over the hard columns on top of their KL.
+    ("student_only", {}), ("clip_kd", {"hard_label_weight": 1.0}), ("tinyclip", {}),
+    ("conaclip", {}), ("mcad", {}),
     # MCAD's other modes: slow (a compile each); `make test-all` runs them.
     pytest.param("mcad", {"mcad.mode": "all_pairs"}, marks=slow),
     pytest.param("mcad", {"mcad.combine": "concat"}, marks=slow),
@@ -149,8 +151,8 @@ def test_every_recipe_trains_on_8_devices(teacher_workdir, recipe, over):
   config = shapes.get_config("smoke")
   config.distill.recipe = recipe
   for k, v in over.items():
-    sec, key = k.split(".")
-    config.distill[sec][key] = v
+    *sec, key = k.split(".")
+    (config.distill[sec[0]] if sec else config.distill)[key] = v
   start, end, losses, m, stage = _steps(config, "distill", teacher_workdir)
   assert all(np.isfinite(losses))
   assert set(end) == {"student", "heads"}  # No teacher params in the trained state.
@@ -159,6 +161,8 @@ def test_every_recipe_trains_on_8_devices(teacher_workdir, recipe, over):
   assert any(moved)
   if recipe != "student_only":
     assert any(k.startswith("loss/") and k != "loss/si_st_infonce" for k in m)
+    assert "loss/hard_kl" in m  # The smoke student has hard columns.
+    assert ("loss/hard_softmax" in m) == bool(over.get("hard_label_weight"))
 
 
 def test_two_stage_conaclip_freezes_text_tower_first(teacher_workdir):

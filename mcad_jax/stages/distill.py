@@ -103,6 +103,9 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       t["loss/hard_kl"] = losses.kl_candidates(th, g, valid, row_w)
       terms["teacher_hard_acc"] = distill.hard_accuracy(th, valid)
       gl = gl + dcfg.hard_weight * t["loss/hard_kl"]
+      if dcfg.get("hard_label_weight", 0.0):
+        t["loss/hard_softmax"] = losses.candidate_softmax(g, valid, row_w)
+        gl = gl + dcfg.hard_label_weight * t["loss/hard_softmax"]
     return loss + gl, {**terms, **t}
 
   update_mask = None

@@ -1,0 +1,25 @@
+"""The benchmarks' own arithmetic (their timings are not tests)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.train_step import matmul_flops
+
+
+def test_matmul_flops_counts_dots_scans_and_gradients():
+  x, w = jnp.ones((8, 32)), jnp.ones((32, 16))
+  assert matmul_flops(jax.make_jaxpr(jnp.dot)(x, w)) == 2 * 8 * 32 * 16
+  f = jax.jit(lambda x, w: jnp.tanh(x @ w).sum())
+  # Forward, then the two matmuls of the backward pass (dx and dw), through jit's sub-jaxpr.
+  assert matmul_flops(jax.make_jaxpr(jax.grad(f, argnums=(0, 1)))(x, w)) == 3 * 2 * 8 * 32 * 16
+
+  def body(c, _):
+    return c @ jnp.ones((32, 32)), None
+
+  scanned = jax.make_jaxpr(lambda c: jax.lax.scan(body, c, None, length=5)[0])(x)
+  assert matmul_flops(scanned) == 5 * 2 * 8 * 32 * 32
+  img, k = jnp.ones((2, 16, 16, 3)), jnp.ones((4, 4, 3, 8))  # 4x4 patches, stride 4.
+  conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (4, 4), "VALID",
+                                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  assert matmul_flops(jax.make_jaxpr(conv)(img, k)) == pytest.approx(2 * (2 * 4 * 4 * 8) * 4 * 4 * 3)
