@@ -199,6 +199,7 @@ def main():
       f"--steps={args.steps} --dtype={args.dtype} --matmul-n={args.matmul_n}"
       f"{' --batch ' + ' '.join(map(str, args.batch)) if args.batch else ''}"
       f"{''.join(' --set ' + x for x in args.set)}{' --no-mesh-memory' if args.no_mesh_memory else ''}"
+      f"{f' --section={args.section}' if args.section != 'train_step' else ''}"
       f" --write` on "
       f"{jax.devices()[0].device_kind} ({platform.machine()}, {os.cpu_count()} cores), "
       f"jax {jax.__version__}; throughput on 1 of {jax.device_count()} devices; the MFU ratio "

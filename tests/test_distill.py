@@ -131,9 +131,10 @@ def _steps(config, name, workdir, n=2):
 slow = pytest.mark.slow
 RECIPE_CASES = [
     # clip_kd also takes the ground truth over the hard columns on top of their KL.
-    ("student_only", {}), ("clip_kd", {"hard_label_weight": 1.0}), ("tinyclip", {}),
-    ("conaclip", {}), ("mcad", {}),
-    # MCAD's other modes: slow (a compile each); `make test-all` runs them.
+    ("clip_kd", {"hard_label_weight": 1.0}), ("mcad", {}),
+    # The other recipes and MCAD's other modes: slow (~45 s each); `make test-slow` runs them.
+    pytest.param("student_only", {}, marks=slow), pytest.param("tinyclip", {}, marks=slow),
+    pytest.param("conaclip", {}, marks=slow),
     pytest.param("mcad", {"mcad.mode": "all_pairs"}, marks=slow),
     pytest.param("mcad", {"mcad.combine": "concat"}, marks=slow),
     pytest.param("mcad", {"mcad.combine": "gate", "mcad.proj": "fixed"}, marks=slow),
@@ -165,6 +166,7 @@ def test_every_recipe_trains_on_8_devices(teacher_workdir, recipe, over):
     assert ("loss/hard_softmax" in m) == bool(over.get("hard_label_weight"))
 
 
+@pytest.mark.slow  # ~45 s; `make test-slow` (CI runs it)
 def test_two_stage_conaclip_freezes_text_tower_first(teacher_workdir):
   config = shapes.get_config("smoke")
   config.distill.recipe = "conaclip"
@@ -202,6 +204,7 @@ def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_pa
   np.testing.assert_allclose(cached, online, rtol=2e-5)
 
 
+@pytest.mark.slow  # ~60 s; the mixed-tokenizer path end to end is test_coco.py, in the default suite
 def test_each_teacher_reads_its_own_tokenizer(tiny_data, tmp_path):
   """A CLIP-BPE dual teacher, a WordPiece fusion teacher with its own towers and length, and a
   WordPiece student in one run: batches carry each tokenizer's ids, and online teachers and the

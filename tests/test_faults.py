@@ -263,6 +263,7 @@ def _data_dir_with_tiny(d: pathlib.Path) -> pathlib.Path:
   return d
 
 
+@pytest.mark.slow  # ~70 s; `make test-slow` (CI runs it)
 def test_sigkill_during_teacher_cache_build_then_rerun(uninterrupted, tmp_path):
   """Killed while building the teacher cache: no half cache is ever read; the rerun equals a run
   that built it uninterrupted."""

@@ -204,6 +204,7 @@ def test_sigkill_then_rerun_resumes_exactly(uninterrupted, tmp_path):
   assert losses_by_step(full) == losses_by_step(w)
 
 
+@pytest.mark.slow  # ~55 s; SIGKILL-and-resume stays in the default suite
 def test_sigterm_saves_at_that_step_and_rerun_resumes_exactly(uninterrupted, tmp_path):
   """Preemption: SIGTERM at a random step -> checkpoint of that step, exit 143, exact resume."""
   full, _ = uninterrupted

@@ -96,6 +96,7 @@ def test_grad_accumulation_runs_on_micro_batches():
   assert loss < l_full
 
 
+@pytest.mark.slow  # ~45 s: compiles the ViT-B/16 init on 1 and 8 devices
 def test_coco_teacher_state_is_sharded_8_ways():
   """Compiled, not run: per-device params+opt on 8 devices <= 1/6 of 1 device."""
   config = coco.get_config()

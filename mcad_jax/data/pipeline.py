@@ -14,10 +14,13 @@ Images stay uint8 until they reach the model, which scales and normalises them
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
+import io
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any, Iterator
 
@@ -78,14 +81,19 @@ def ensure_prepared(data_cfg) -> None:
   tfds = _tfds()
 
   def prepare():
-    builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None,
-                           file_format="array_record")
-    if not builder.is_prepared():
+    with _quiet_tfds():
+      builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None,
+                             file_format="array_record")
+      prepared = builder.is_prepared()
+    if not prepared:
       log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
+      t = time.time()
       manual = data_cfg.get("manual_dir") or None
-      builder.download_and_prepare(
-          file_format="array_record",
-          download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
+      with _quiet_tfds():
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
+      log.info("Prepared %s in %.0f s.", data_cfg.tfds_name, time.time() - t)
 
   if jax.process_index() == 0:
     prepare()
@@ -93,6 +101,23 @@ def ensure_prepared(data_cfg) -> None:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("mcad_jax:data_prepared")
     prepare()  # No-op on a shared disk; prepares on hosts with their own disk.
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+  """TFDS prints its preparation banner to stdout and absl warnings about folders it has not
+  written yet: a user should see our own progress lines, so those go to the debug log."""
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  out = io.StringIO()
+  try:
+    with contextlib.redirect_stdout(out):
+      yield
+  finally:
+    absl_log.setLevel(level)
+    if out.getvalue().strip():
+      log.debug("TFDS: %s", out.getvalue().strip())
 
 
 class DataFault(RuntimeError):
