@@ -1,16 +1,21 @@
-"""On-device costs of the exported student, with the LiteRT interpreter (XNNPACK, 1 thread).
+"""On-device costs of the exported student: LiteRT beside ONNX Runtime, at 1 and 4 threads.
 
-  python benchmarks/mobile.py --workdir workdirs/demo [--reps 200] [--write]
+  python benchmarks/mobile.py --workdir workdirs/demo [--reps 200] [--threads 1 4] [--write]
+  python benchmarks/mobile.py --workdir workdirs/paper_t2 --reps 30 --write --section mobile_paper
 
-For the fp32 and int8 TFLite encoders of a finished export stage (W/export/):
-text-query latency (tokenize + encode), image-encode latency, brute-force
-search latency over galleries of 10k and 100k embeddings (fp16 and int8
-index), file sizes, and peak RSS of a process that loads both encoders and an
-index and answers queries (each measured in a fresh subprocess, next to a
-baseline process that imports the same runtime and loads nothing). Ratios
-int8 / fp32 come from the same run. With --write the table goes into
-BENCHMARKS.md. The galleries are random unit vectors: search cost does not
-depend on the values.
+For the encoders of a finished export stage (W/export/), one run, same inputs:
+- text-query latency (tokenize + encode) and image-encode latency, median of single-example
+  calls, for LiteRT (XNNPACK) fp32 / fp16 / int8 TFLite files and for ONNX Runtime (CPU) on our
+  jax2onnx files in fp32 and after ORT's own dynamic int8 quantization
+  (`onnxruntime.quantization.quantize_dynamic`, what an ORT user would do), at each thread count;
+  ratios to ORT fp32 at the same thread count;
+- file sizes;
+- peak RSS of a phone-like query process: both int8 TFLite encoders and a 100k-entry int8
+  gallery loaded, answering queries, measured in a fresh subprocess beside one that imports the
+  runtime and loads nothing;
+- brute-force search latency over 10k and 100k embeddings (fp16 and int8 index).
+The galleries are random unit vectors: search cost does not depend on the values. With --write
+the tables replace the section between the markers in BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
 from benchmarks.report import median_ms  # noqa: E402
 
 QUERY = "a large red circle to the left of a small blue square"
+GALLERY = 100_000
+# (runtime, format): LiteRT's three TFLite files, ONNX Runtime's fp32 file and its own int8.
+ENGINES = (("litert", "fp32"), ("litert", "fp16"), ("litert", "int8"), ("ort", "fp32"),
+           ("ort", "int8"))
 
 
-def child(workdir: str, fmt: str) -> dict:
-  """Peak RSS of a phone-like process: both encoders + the int8 index, answering queries.
+def child(workdir: str, fmt: str, gallery: str) -> dict:
+  """Peak RSS of a phone-like process: both int8 encoders + a 100k int8 index, answering queries.
 
   Read from /proc's VmHWM, which starts afresh at exec (getrusage's ru_maxrss would
   inherit the forking parent's peak).
@@ -49,28 +59,53 @@ def child(workdir: str, fmt: str) -> dict:
     tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
     txt = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"))
     img = runtime.TFLiteEncoder(os.path.join(out, f"student_image_{fmt}.tflite"))
-    ix = index.Index.load(os.path.join(out, "gallery_int8.idx"))
+    ix = index.Index.load(gallery)
     s = meta["image_size"]
     img(np.zeros((1, s, s, 3), np.float32))
     for _ in range(20):
-      ix.search(txt(tok.encode_batch([QUERY])), 10)
+      ix.search(txt(tok.encode_batch([QUERY])), 10, use_faiss=False)
   with open("/proc/self/status") as f:
     hwm_kib = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
   return {"peak_rss_mib": hwm_kib / 1024}
+
+
+def ort_int8(src: str, dst: str) -> str:
+  """ONNX Runtime's own dynamic int8 quantization of one of our .onnx files."""
+  from onnxruntime.quantization import QuantType, quantize_dynamic
+
+  quantize_dynamic(src, dst, weight_type=QuantType.QInt8)
+  return dst
+
+
+def encoders(out: str, engine: tuple[str, str], threads: int, tmp: str):
+  from export import runtime
+
+  rt, fmt = engine
+  if rt == "litert":
+    return tuple(runtime.TFLiteEncoder(os.path.join(out, f"student_{e}_{fmt}.tflite"), threads)
+                 for e in ("text", "image"))
+  paths = [os.path.join(out, f"student_{e}.onnx") for e in ("text", "image")]
+  if fmt == "int8":
+    paths = [p if os.path.exists(p := os.path.join(tmp, os.path.basename(s))) else ort_int8(s, p)
+             for s in paths]
+  return tuple(runtime.OnnxEncoder(p, threads) for p in paths)
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", default="workdirs/demo")
   ap.add_argument("--reps", type=int, default=200)
+  ap.add_argument("--threads", type=int, nargs="+", default=[1, 4])
   ap.add_argument("--write", action="store_true")
+  ap.add_argument("--section", default="mobile", help="BENCHMARKS.md section to replace")
   ap.add_argument("--child", help=argparse.SUPPRESS)
+  ap.add_argument("--gallery", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.child:
-    print(json.dumps(child(args.workdir, args.child)))
+    print(json.dumps(child(args.workdir, args.child, args.gallery)))
     return
 
-  from export import index, runtime
+  from export import index
   from mcad_jax.data import tokenizer as tokenizers
 
   out = os.path.join(args.workdir, "export")
@@ -78,70 +113,73 @@ def main():
   tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
   s = meta["image_size"]
   image = np.random.default_rng(0).integers(0, 256, (1, s, s, 3)).astype(np.float32)
-  rows, emb_dim = {}, None
-  for fmt in ("fp32", "int8"):
-    txt = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"), num_threads=1)
-    img = runtime.TFLiteEncoder(os.path.join(out, f"student_image_{fmt}.tflite"), num_threads=1)
-    emb_dim = txt(tok.encode_batch([QUERY])).shape[1]
-    rss = json.loads(subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--child", fmt],
-                                    capture_output=True, text=True, check=True).stdout)
-    rows[fmt] = {
-        "tokenize_ms": median_ms(lambda: tok.encode_batch([QUERY]), args.reps),
-        "text_ms": median_ms(lambda t=txt: t(tok.encode_batch([QUERY])), args.reps),
-        "image_ms": median_ms(lambda i=img: i(image), args.reps),
-        "text_bytes": os.path.getsize(txt.path), "image_bytes": os.path.getsize(img.path),
-        "rss_mib": rss["peak_rss_mib"]}
-  base_rss = json.loads(subprocess.run([sys.executable, __file__, "--workdir", args.workdir, "--child",
-                                        "none"], capture_output=True, text=True, check=True).stdout)
+  tmp = tempfile.mkdtemp(prefix="mcad_mobile_")
+  lat, sizes, emb_dim = {}, {}, None
+  for engine in ENGINES:
+    for n in args.threads:
+      txt, img = encoders(out, engine, n, tmp)
+      emb_dim = txt(tok.encode_batch([QUERY])).shape[1]
+      lat[engine, n] = (median_ms(lambda t=txt: t(tok.encode_batch([QUERY])), args.reps),
+                        median_ms(lambda i=img: i(image), args.reps))
+      sizes[engine] = (os.path.getsize(txt.path), os.path.getsize(img.path))
+  tokenize_ms = median_ms(lambda: tok.encode_batch([QUERY]), args.reps)
+
   rng = np.random.default_rng(0)
-  search = {}
   q = rng.standard_normal((1, emb_dim)).astype(np.float32)
   q /= np.linalg.norm(q)
-  for n in (10_000, 100_000):
+  search = {}
+  for n in (10_000, GALLERY):
     g = rng.standard_normal((n, emb_dim)).astype(np.float32)
     g /= np.linalg.norm(g, axis=1, keepdims=True)
     for dtype in ("fp16", "int8"):
       ix = index.Index.build(g, dtype)
-      search[(n, dtype)] = (median_ms(lambda i=ix: i.search(q, 10), max(20, args.reps // 4)),
-                            ix.rows.nbytes)
+      search[(n, dtype)] = (median_ms(lambda i=ix: i.search(q, 10),
+                                      max(20, args.reps // 4)), ix.rows.nbytes)
+      if n == GALLERY and dtype == "int8":
+        gallery = os.path.join(tmp, "gallery_100k_int8.idx")
+        ix.save(gallery)
+  rss = {fmt: json.loads(subprocess.run(
+      [sys.executable, __file__, "--workdir", args.workdir, "--child", fmt, "--gallery", gallery],
+      capture_output=True, text=True, check=True).stdout)["peak_rss_mib"] for fmt in ("int8", "none")}
 
-  f, i8 = rows["fp32"], rows["int8"]
+  name = lambda e: f"{'LiteRT' if e[0] == 'litert' else 'ONNX Runtime'} {e[1]}"
   lines = [
-      f"`python benchmarks/mobile.py --workdir {args.workdir} --reps {args.reps} --write` on "
-      f"{platform.machine()}, {os.cpu_count()} cores (x86 CPU, not a phone), LiteRT interpreter with "
-      f"XNNPACK, 1 thread; median of {args.reps} single-example calls. Student of that workdir "
-      f"(image {s}px, {meta['text_len']} tokens, {emb_dim}-d embeddings).",
+      f"`python benchmarks/mobile.py --workdir {args.workdir} --reps {args.reps} --threads "
+      f"{' '.join(map(str, args.threads))}{'' if args.section == 'mobile' else ' --section ' + args.section}"
+      f" --write` on {platform.machine()}, {os.cpu_count()} cores (x86 CPU, not a phone); median of "
+      f"{args.reps} single-example calls; LiteRT with XNNPACK, ONNX Runtime's CPU provider. Student "
+      f"of that workdir: image {s} px, {meta['text_len']} tokens, {emb_dim}-d embeddings. Tokenizing "
+      f"the query: {tokenize_ms:.3f} ms (included in the text rows).",
       "",
-      "| | fp32 | int8 | int8 / fp32 |",
-      "|---|---|---|---|",
-      f"| text query: tokenize (ms) | {f['tokenize_ms']:.3f} | {i8['tokenize_ms']:.3f} | |",
-      f"| text query: tokenize + encode (ms) | {f['text_ms']:.3f} | {i8['text_ms']:.3f} "
-      f"| {i8['text_ms'] / f['text_ms']:.2f} |",
-      f"| image encode (ms) | {f['image_ms']:.3f} | {i8['image_ms']:.3f} "
-      f"| {i8['image_ms'] / f['image_ms']:.2f} |",
-      f"| text encoder file (MB) | {f['text_bytes'] / 1e6:.2f} | {i8['text_bytes'] / 1e6:.2f} "
-      f"| {i8['text_bytes'] / f['text_bytes']:.2f} |",
-      f"| image encoder file (MB) | {f['image_bytes'] / 1e6:.2f} | {i8['image_bytes'] / 1e6:.2f} "
-      f"| {i8['image_bytes'] / f['image_bytes']:.2f} |",
-      f"| peak RSS, both encoders + 5k int8 index, querying (MiB) | {f['rss_mib']:.0f} "
-      f"| {i8['rss_mib']:.0f} | (runtime alone: {base_rss['peak_rss_mib']:.0f}) |",
+      "| runtime, weights | threads | text query (ms) | image encode (ms) | text ÷ ORT fp32 "
+      "| image ÷ ORT fp32 | text file (MB) | image file (MB) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for engine in ENGINES:
+    for n in args.threads:
+      (t, i), (rt, ri) = lat[engine, n], lat[("ort", "fp32"), n]
+      lines.append(f"| {name(engine)} | {n} | {t:.3f} | {i:.3f} | {t / rt:.2f} | {i / ri:.2f} "
+                   f"| {sizes[engine][0] / 1e6:.2f} | {sizes[engine][1] / 1e6:.2f} |")
+  lines += [
+      "",
+      f"Peak RSS of a query process holding both int8 TFLite encoders and a {GALLERY:,}-entry int8 "
+      f"gallery: **{rss['int8']:.0f} MiB** (the LiteRT runtime alone: {rss['none']:.0f} MiB).",
       "",
       "| gallery | fp16 index: search (ms) | fp16 size (MB) | int8 index: search (ms) | int8 size (MB) "
       "| int8 / fp16 time |",
       "|---|---|---|---|---|---|",
   ]
-  for n in (10_000, 100_000):
+  for n in (10_000, GALLERY):
     (t16, b16), (t8, b8) = search[(n, "fp16")], search[(n, "int8")]
     lines.append(f"| {n:,} | {t16:.2f} | {b16 / 1e6:.1f} | {t8:.2f} | {b8 / 1e6:.1f} | {t8 / t16:.2f} |")
   lines += ["", "Context, not a comparison: the MCAD paper reports about 8 ms per search and about "
-            "100 MB of memory for its student on phones; the numbers "
-            "above are an x86 server core running the same interpreter, and our demo student is "
-            "far smaller than theirs."]
+            "100 MB of memory for its student on phones; the numbers above are an x86 server core "
+            "running the same interpreters."]
   print("\n".join(lines))
   if args.write:
     from benchmarks.report import write_section
 
-    write_section("BENCHMARKS.md", "mobile", "On-device costs (LiteRT, 1 thread)", lines)
+    write_section("BENCHMARKS.md", args.section, "On-device costs", lines)
 
 
 if __name__ == "__main__":

@@ -119,30 +119,9 @@ def _check_retrieval(ecfg, retrieval: dict, num_images: int, num_texts: int) -> 
   return bad
 
 
-def run_export(config, workdir: str, name: str = "export") -> dict:
-  """Exports, verifies and indexes the student; returns the stage record (see train.run_stages)."""
-  from mcad_jax import evaluate
-
-  t0 = time.time()
-  ecfg = config[name]
-  out = os.path.join(workdir, name)
-  os.makedirs(out, exist_ok=True)
-  model, params = load_student(config, workdir, ecfg.source)
-  fns = convert.encoder_fns(model, params)
-  tok = student_tokenizer(config, ecfg.source)
-  specs = convert.input_specs(config.data.image_size, tok.max_len, ecfg.batch_size)
-
-  # Held-out parity data: the head of the test split; retrieval re-eval: the configured test set.
-  test = _test_data(config, config.data.eval_limit or None, tok)
-  test_images = test.images.astype(np.float32)
-  held = {"image": test_images[:ecfg.parity_examples], "text": test.texts[:ecfg.parity_examples]}
-  ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
-  calib = calibration_data(config, ecfg.representative_examples, tok) if "int8" in ecfg.formats else None
-
-  sm_dir = os.path.join(out, "saved_model")
-  shutil.rmtree(sm_dir, ignore_errors=True)
+def _convert_all(ecfg, out: str, fns, specs, sm_dir: str, calib, ref, held):
+  """Writes every TFLite (and ONNX) file with its parity to JAX: (files record, encoders)."""
   convert.save_savedmodel(fns, specs, sm_dir)
-
   files: dict[str, dict] = {}
   encoders: dict[tuple[str, str], object] = {}
   fp32: dict[str, bytes] = {}
@@ -183,6 +162,36 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
       files[fname] = {"bytes": os.path.getsize(path), "ops": ops, "format": "onnx", "encoder": enc,
                       **parity(ref[enc], e(held[enc]))}
 
+  return files, encoders
+
+
+def run_export(config, workdir: str, name: str = "export") -> dict:
+  """Exports, verifies and indexes the student; returns the stage record (see train.run_stages)."""
+  from mcad_jax import evaluate
+
+  t0 = time.time()
+  ecfg = config[name]
+  out = os.path.join(workdir, name)
+  os.makedirs(out, exist_ok=True)
+  model, params = load_student(config, workdir, ecfg.source)
+  fns = convert.encoder_fns(model, params)
+  tok = student_tokenizer(config, ecfg.source)
+  specs = convert.input_specs(config.data.image_size, tok.max_len, ecfg.batch_size)
+
+  # Held-out parity data: the head of the test split; retrieval re-eval: the configured test set.
+  test = _test_data(config, config.data.eval_limit or None, tok)
+  test_images = test.images.astype(np.float32)
+  held = {"image": test_images[:ecfg.parity_examples], "text": test.texts[:ecfg.parity_examples]}
+  ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
+  calib = calibration_data(config, ecfg.representative_examples, tok) if "int8" in ecfg.formats else None
+
+  sm_dir = os.path.join(out, "saved_model")
+  shutil.rmtree(sm_dir, ignore_errors=True)
+  # The converters', quantizer's and interpreter's own output goes to W/export/tools.log.
+  with runtime.tool_output_to(os.path.join(out, "tools.log")):
+    files, encoders = _convert_all(ecfg, out, fns, specs, sm_dir, calib, ref, held)
+
+  failed = []
   failed = []
   for f, r in files.items():
     why = _check(ecfg, r["format"], r)

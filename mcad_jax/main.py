@@ -79,7 +79,9 @@ class _Brief(logging.Formatter):
 
 
 def setup_logging(log_file: str | None = None) -> None:
-  """Our messages at INFO on stderr; the libraries' (orbax, TFDS, absl) at WARNING.
+  """Our messages at INFO on stderr; the libraries' (orbax, TFDS, absl) at ERROR there, and
+  their warnings ("OpenCV is not installed", folder notices) only in the log file (all of it on
+  stderr with --verbosity=1).
 
   With `log_file`, everything (ours and the libraries', with tracebacks) also
   goes there. Library records that carry a traceback (orbax logs a failed
@@ -94,6 +96,7 @@ def setup_logging(log_file: str | None = None) -> None:
       absl_logging.set_verbosity(absl_logging.WARNING)
       for h in logging.root.handlers:
         h.addFilter(lambda r: not r.exc_info)
+        h.setLevel(logging.ERROR)
     log.setLevel(logging.INFO)
     log.propagate = False
     handler = logging.StreamHandler(sys.stderr)
