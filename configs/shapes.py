@@ -85,9 +85,9 @@ def get_config(arg: str = ""):
   if variant == "smoke":
     c.export.formats = ("fp32", "int8")
     c.export.representative_examples, c.export.parity_examples = 200, 64
-    # 200 test images and a 60-step student: one R@1 point is two queries, noise, not a
-    # regression. The demo keeps the 0.5-point floor on its 5k test split.
-    c.export.quant_r1_drop_max = 2.0
+    # 200 test images and a 60-step student: a few queries' flip is noise, not a regression
+    # (4 queries = 2 R@1 points here). The demo's 5k test split keeps the 0.5-point floor.
+    c.export.quant_r1_drop_queries = 4
   return c
 
 

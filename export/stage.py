@@ -103,8 +103,9 @@ def _check(ecfg, fmt: str, r: dict) -> str | None:
 def _check_retrieval(ecfg, retrieval: dict, num_images: int, num_texts: int) -> list[str]:
   """Quantized formats whose R@1 (either way) falls more than quant_r1_drop_max below fp32's.
 
-  On a small test set one query moves R@1 by more than the allowance, so a drop of a single
-  query is always allowed.
+  On a small test set one query moves R@1 by more than the allowance, so a drop of
+  quant_r1_drop_queries queries (default 1) is always allowed: the floor is in points on a
+  large test set and in queries on a small one.
   """
   ref = retrieval.get("student_fp32")
   bad = []
@@ -112,7 +113,7 @@ def _check_retrieval(ecfg, retrieval: dict, num_images: int, num_texts: int) -> 
     if ref is None or row in ("student_fp32", "student_fp16", "student_onnx"):
       continue
     for key, n in (("i2t_r1", num_images), ("t2i_r1", num_texts)):
-      allowed = max(ecfg.quant_r1_drop_max, 100.0 / n + 1e-9)
+      allowed = max(ecfg.quant_r1_drop_max, 100.0 * ecfg.get("quant_r1_drop_queries", 1) / n + 1e-9)
       if ref[key] - m[key] > allowed:
         bad.append(f"{row}: {key} {m[key]:.2f} is {ref[key] - m[key]:.2f} below fp32's "
                    f"{ref[key]:.2f} (allowed {allowed:.2f})")

@@ -167,7 +167,8 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   # ai-edge-quantizer recipe of export/quantize.py (RESULTS.md, "int8 recipes").
   c.int8_recipe = "dynamic_w8"
   c.quant_cosine_min = 0.995  # dynamic / int8: min cosine vs JAX below this fails the export
-  c.quant_r1_drop_max = 0.5   # int8 / dynamic R@1 (either way) this far below fp32 fails it
+  c.quant_r1_drop_max = 0.5   # int8 / dynamic R@1 (either way) this far below fp32 fails it,
+  c.quant_r1_drop_queries = 1  # unless it is at most this many queries (small test sets)
   c.reeval = ("fp32", "int8")  # formats re-run through the retrieval eval (rows student_<fmt>)
   c.index_formats = ("fp16", "int8")  # gallery index files of the test images
   c.index_encoder = "int8"    # which image encoder fills the index
@@ -433,6 +434,7 @@ def _validate_export(config, name, s) -> None:
   for key in ("float_cosine_min", "quant_cosine_min"):
     _need(0 < s[key] <= 1, f"{name}.{key}", f"must be in (0, 1], got {s[key]}")
   _need(s.quant_r1_drop_max >= 0, f"{name}.quant_r1_drop_max", f"must be >= 0, got {s.quant_r1_drop_max}")
+  _need(s.get("quant_r1_drop_queries", 1) >= 0, f"{name}.quant_r1_drop_queries", "must be >= 0")
   _need(s.int8_recipe in INT8_RECIPES, f"{name}.int8_recipe",
         f"unknown {s.int8_recipe!r}; known {INT8_RECIPES}")
   _need(not (s.int8_io and s.int8_recipe != "tf"), f"{name}.int8_io",

@@ -4,6 +4,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -228,3 +229,18 @@ def test_damaged_model_file_is_refused(tmp_path, tiny):
   p.write_bytes(b"\x08\x07garbage")
   with pytest.raises(runtime.ModelFileError):
     runtime.OnnxEncoder(str(p))
+
+
+def test_int8_r1_floor_is_points_on_large_sets_and_queries_on_small():
+  from export.stage import _check_retrieval
+
+  ecfg = ml_collections.ConfigDict({"quant_r1_drop_max": 0.5, "quant_r1_drop_queries": 1})
+  rows = lambda drop: {"student_fp32": {"i2t_r1": 30.0, "t2i_r1": 20.0},
+                       "student_int8": {"i2t_r1": 30.0 - drop, "t2i_r1": 20.0}}
+  assert _check_retrieval(ecfg, rows(0.4), 5000, 25000) == []
+  assert "i2t_r1" in _check_retrieval(ecfg, rows(0.6), 5000, 25000)[0]
+  # 200 images: one query is 0.5 points; two queries (1.0) fail unless 2+ queries are allowed.
+  assert _check_retrieval(ecfg, rows(1.0), 200, 1000)
+  ecfg.quant_r1_drop_queries = 4
+  assert _check_retrieval(ecfg, rows(1.0), 200, 1000) == []
+  assert _check_retrieval(ecfg, rows(2.5), 200, 1000)
