@@ -85,7 +85,10 @@ class Index:
     fileio.atomic_write(path, head + struct.pack("<I", zlib.crc32(head)) + data)
 
   @classmethod
-  def load(cls, path: str, verify: bool = True) -> "Index":
+  def load(cls, path: str, verify: bool = True, mmap: bool = False) -> "Index":
+    """Reads and checks an index file. With `mmap` the rows stay on disk, memory-mapped, and
+    only the rows a search touches are read (a re-ranking file); their checksum is then not
+    verified, which would read them all."""
     if not os.path.isfile(path):
       raise IndexFileError(f"{path}: no such index file")
     size = os.path.getsize(path)
@@ -107,6 +110,8 @@ class Index:
       if size != want:
         raise IndexFileError(f"{path}: {size} bytes, header says {want} ({n} x {dim} "
                              f"{_CODES[code][0]}); truncated or padded")
+      if mmap:
+        return cls(np.memmap(path, dt, "r", offset=HEADER_BYTES, shape=(n, dim)), float(scale))
       data = f.read()
     if verify and zlib.crc32(data) != data_crc:
       raise IndexFileError(f"{path}: data checksum mismatch (corrupt rows)")
@@ -154,13 +159,24 @@ class Index:
       ix.add_sa_codes(codes if self.dtype == "fp16" else codes ^ np.uint8(0x80))
     return ix
 
-  def search(self, query: np.ndarray, k: int = 10, use_faiss: bool = True
-             ) -> tuple[np.ndarray, np.ndarray]:
+  def search(self, query: np.ndarray, k: int = 10, use_faiss: bool = True,
+             rerank: Index | None = None, candidates: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """Top-k rows by dot product: (indices [Q, k], scores [Q, k]), best first.
 
     Through faiss when it is installed (and `use_faiss`), else numpy; both score the float
-    query against the same dequantized rows.
+    query against the same dequantized rows. With `rerank` (the same gallery at higher
+    precision, e.g. the fp16 file memory-mapped), the top `candidates` of this index are
+    scored again against its rows and the best k of them returned: int8 speed and memory, the
+    ranking of the finer rows (BENCHMARKS.md, "Search at scale").
     """
+    if rerank is not None:
+      if rerank.rows.shape != self.rows.shape:
+        raise ValueError(f"re-ranking index holds {rerank.rows.shape}, this one {self.rows.shape}")
+      cand, _ = self.search(query, max(k, candidates), use_faiss)
+      q = self._query(query)
+      s = np.einsum("qe,qce->qc", q, rerank.rows[cand].astype(np.float32) * rerank.scale)
+      order = np.argsort(-s, axis=1, kind="stable")[:, :min(k, len(self))]
+      return np.take_along_axis(cand, order, 1), np.take_along_axis(s, order, 1)
     q = self._query(query)
     k = min(k, len(self))
     if use_faiss and self._faiss is not None:

@@ -40,6 +40,11 @@ class Searcher:
     if len(self.index) != self.meta["gallery_size"]:
       raise index_lib.IndexFileError(f"index has {len(self.index)} rows, meta.json says "
                                      f"{self.meta['gallery_size']}: re-run the export")
+    # An int8 search is re-ranked by the fp16 file when the export wrote one, memory-mapped:
+    # only the candidates' rows are read.
+    fp16 = os.path.join(out, "gallery_fp16.idx")
+    self.rerank = (index_lib.Index.load(fp16, mmap=True)
+                   if index_dtype == "int8" and os.path.isfile(fp16) else None)
 
   def query(self, text: str, k: int = 5) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
     """(image ids [k], scores [k], timings in ms) for one query."""
@@ -49,7 +54,7 @@ class Searcher:
     z = self.encoder(ids)
     z = z / np.linalg.norm(z, axis=1, keepdims=True)
     t2 = time.perf_counter()
-    idx, scores = self.index.search(z, k)
+    idx, scores = self.index.search(z, k, rerank=self.rerank)
     t3 = time.perf_counter()
     return idx[0], scores[0], {"tokenize": 1e3 * (t1 - t0), "encode": 1e3 * (t2 - t1),
                                "search": 1e3 * (t3 - t2)}
