@@ -32,24 +32,6 @@ from mcad_jax.models.two_tower import l2_normalize
 from mcad_jax.models.vit import ViT
 
 
-class BlipTextLayer(nn.Module):
-  """A post-LN BERT layer; with `ctx`, cross-attention to it after self-attention."""
-
-  heads: int
-  mlp_dim: int
-  ln_eps: float = 1e-12
-  gelu_exact: bool = True
-  dtype: layers.Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x, mask, ctx=None):
-    ln = lambda name: nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype, name=name)  # noqa: E731
-    x = ln("ln1")(x + layers.Attention(self.heads, self.dtype, name="attn")(x, mask=mask))
-    if ctx is not None:
-      x = ln("lnx")(x + layers.Attention(self.heads, self.dtype, name="xattn")(x, ctx.astype(x.dtype)))
-    return ln("ln2")(x + layers.Mlp(self.mlp_dim, self.dtype, self.gelu_exact, name="mlp")(x))
-
-
 class BlipText(nn.Module):
   """BLIP's BERT text encoder: `embed` ids, then `encode` (with `ctx`: cross-attending)."""
 
@@ -67,7 +49,10 @@ class BlipText(nn.Module):
     self.token_embedding = self.param("token_embedding", layers.embed_init, (self.vocab_size, self.width))
     self.pos_embedding = self.param("pos_embedding", layers.embed_init, (1, self.max_len, self.width))
     self.ln_emb = nn.LayerNorm(epsilon=self.ln_eps, dtype=self.dtype)
-    self.blocks = [BlipTextLayer(self.heads, self.mlp_dim, self.ln_eps, self.gelu_exact, self.dtype)
+    # Post-LN BERT layers with cross-attention to the image after self-attention (used only when
+    # `encode` is given a context).
+    self.blocks = [layers.Block(self.heads, self.mlp_dim, cross=True, dtype=self.dtype, post_norm=True,
+                                gelu_exact=self.gelu_exact, ln_eps=self.ln_eps)
                    for _ in range(self.depth)]
 
   def embed(self, ids):

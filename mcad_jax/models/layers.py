@@ -113,7 +113,7 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Transformer block, pre-LN (default) or post-LN (BERT), optional cross-attention (fusion).
+  """Transformer block, pre-LN (default) or post-LN (BERT), optional cross-attention (fusion, BLIP).
 
   `causal` adds a causal mask (CLIP's text tower); `mask` is the [B, L] key mask.
   """
@@ -131,8 +131,11 @@ class Block(nn.Module):
     ln = lambda name: layer_norm(name, self.dtype, self.ln_eps)  # noqa: E731
     attn = Attention(self.heads, self.dtype, name="attn")
     mlp = Mlp(self.mlp_dim, self.dtype, self.gelu_exact, name="mlp")
-    if self.post_norm:
+    if self.post_norm:  # BERT; with `cross`, BLIP's cross-attention after self-attention.
       x = ln("ln1")(x + attn(x, mask=mask, causal=causal))
+      if self.cross and ctx is not None:  # Without ctx: BLIP's unimodal text pass, same weights.
+        x = ln("lnx")(x + Attention(self.heads, self.dtype, name="xattn")(x, ctx.astype(x.dtype),
+                                                                          mask=ctx_mask))
       return ln("ln2")(x + mlp(x))
     x = x + attn(ln("ln1")(x), mask=mask, causal=causal)
     if self.cross:
