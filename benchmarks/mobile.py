@@ -43,7 +43,8 @@ ENGINES = (("litert", "fp32"), ("litert", "fp16"), ("litert", "int8"), ("ort", "
 
 
 def child(workdir: str, fmt: str, gallery: str) -> dict:
-  """Peak RSS of a phone-like process: both int8 encoders + a 100k int8 index, answering queries.
+  """Peak RSS of a query process: both int8 encoders + a 100k int8 index, answering queries the
+  way the search CLI does.
 
   Read from /proc's VmHWM, which starts afresh at exec (getrusage's ru_maxrss would
   inherit the forking parent's peak).
@@ -63,7 +64,7 @@ def child(workdir: str, fmt: str, gallery: str) -> dict:
     s = meta["image_size"]
     img(np.zeros((1, s, s, 3), np.float32))
     for _ in range(20):
-      ix.search(txt(tok.encode_batch([QUERY])), 10, use_faiss=False)
+      ix.search(txt(tok.encode_batch([QUERY])), 10)  # The CLI's path (faiss if installed).
   with open("/proc/self/status") as f:
     hwm_kib = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM:"))
   return {"peak_rss_mib": hwm_kib / 1024}
