@@ -186,14 +186,15 @@ def test_index_int8_rows_use_the_gallery_range_and_score_dequantized():
   np.testing.assert_allclose(ix.scores(q), want, rtol=1e-5, atol=1e-6)
 
 
-def test_int8_search_reranked_by_the_memory_mapped_fp16_file(tmp_path):
+def test_int8_search_reranked_by_the_fp16_file_read_lazily(tmp_path):
   """Random unit vectors bunch their top scores: int8 alone swaps near-ties; the fp16 re-rank of
-  its top 100 gives back the exact top 10, reading the fp16 file through a memory map."""
+  its top 100 gives back the exact top 10, reading only those rows of the fp16 file."""
   e, q = _emb(100_000, 64), _emb(50, 64, seed=7)
   index.Index.build(e, "fp16").save(str(tmp_path / "g16.idx"))
   i8 = index.Index.build(e, "int8")
-  f16 = index.Index.load(str(tmp_path / "g16.idx"), mmap=True)
-  assert isinstance(f16.rows, np.memmap)
+  f16 = index.Index.load(str(tmp_path / "g16.idx"), lazy=True)
+  assert isinstance(f16.rows, index.RowFile)
+  np.testing.assert_array_equal(f16.rows[np.array([[3, 99_999]])][0], e[[3, 99_999]].astype(np.float16))
   exact = np.argsort(-(q @ e.T), axis=1)[:, :10]
   recall = lambda idx: np.mean([len(set(a) & set(b)) / 10 for a, b in zip(idx, exact, strict=True)])
   plain = recall(i8.search(q, 10)[0])
