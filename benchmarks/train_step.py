@@ -28,7 +28,6 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
-import importlib.util  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -40,11 +39,9 @@ from mcad_jax import sharding, stages, train  # noqa: E402
 
 
 def load_config(spec: str):
-  path, _, arg = spec.partition(":")
-  mod_spec = importlib.util.spec_from_file_location("cfg", path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(arg)
+  from mcad_jax import config_lib
+
+  return config_lib.load_file(spec)
 
 
 def matmul_flops_per_sec(n: int = 2048, reps: int = 10, dtype: str = "float32") -> float:

@@ -176,6 +176,19 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   return c
 
 
+def load_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of `FILE[:VARIANT]` (what `--config=` names): FILE's get_config(VARIANT)."""
+  import importlib.util
+
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"no config file {path!r}")
+  mod_spec = importlib.util.spec_from_file_location("mcad_config", path)
+  mod = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.name = ""

@@ -54,17 +54,17 @@ def verify(name: str) -> dict:
   return manifest
 
 
-def write(workdir: str, name: str, stages: tuple[str, ...], command: str, eval_images: int) -> dict:
-  """Copies the params of each finished stage of `workdir` into set `name`, with its manifest."""
+def write(config, workdir: str, name: str, stages: tuple[str, ...], command: str,
+          eval_images: int) -> dict:
+  """Copies the params of each finished stage of `workdir` (trained with `config`) into set
+  `name`, with its manifest."""
   import shutil
 
   import jax
   import orbax.checkpoint as ocp
 
-  from configs import shapes
   from mcad_jax import fileio, sharding, stages as stage_lib, train
 
-  config = shapes.get_config("teachers")
   mesh = sharding.make_mesh(config.mesh)
   out = ROOT / name
   if out.exists():
@@ -121,12 +121,17 @@ def main(argv) -> int:
 
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--workdir", required=True)
+  p.add_argument("--config", default="configs/shapes.py:teachers",
+                 help="the config FILE[:VARIANT] that trained the workdir")
   p.add_argument("--name", default="shapes")
   p.add_argument("--stages", nargs="+", default=["teacher", "fusion_teacher"])
   p.add_argument("--command", required=True, help="the command that trained the workdir")
   p.add_argument("--eval-images", type=int, default=500)
   a = p.parse_args(argv)
-  m = write(a.workdir, a.name, tuple(a.stages), a.command, a.eval_images)
+  from mcad_jax import config_lib
+
+  m = write(config_lib.load_file(a.config), a.workdir, a.name, tuple(a.stages), a.command,
+            a.eval_images)
   print(json.dumps(m["small_eval"], indent=2))
   return 0
 
