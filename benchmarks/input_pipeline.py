@@ -24,14 +24,13 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 
 from benchmarks import report, train_step as bench  # noqa: E402
-from mcad_jax import sharding, stages, train  # noqa: E402
+from mcad_jax import sharding, stages  # noqa: E402
 from mcad_jax.data import pipeline  # noqa: E402
 
 
@@ -49,26 +48,6 @@ def pipeline_rate(config, stage, batches: int) -> tuple[float, dict]:
   return batches * scfg.batch_size / (time.perf_counter() - t), batch
 
 
-def step_rate(config, stage, batch, mesh, steps: int) -> float:
-  scfg = config.distill
-  tx, sched = train.make_optimizer(scfg, stage.freeze)
-  init, shard, _ = train.abstract_state(stage, scfg, config, mesh)
-  state = jax.jit(init, out_shardings=shard)(jax.random.key(0))
-  fn = jax.jit(functools.partial(train.train_step, loss_fn=stage.loss_fn, tx=tx, schedule=sched,
-                                 accum=scfg.accum_steps, base_rng=jax.random.key(1),
-                                 update_mask=stage.update_mask),
-               donate_argnums=(0,))
-  batch = sharding.to_global({k: batch[k] for k in stage.batch_keys}, mesh)
-  for _ in range(3):  # Compile and warm up.
-    state, m = fn(state, batch, stage.frozen)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = fn(state, batch, stage.frozen)
-  jax.block_until_ready(m)
-  return steps * scfg.batch_size / (time.perf_counter() - t)
-
-
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--config", default="configs/shapes.py:demo")
@@ -84,7 +63,7 @@ def main():
   gen = config.copy_and_resolve_references()
   gen.data.source = "generate"
   gen_rate, _ = pipeline_rate(gen, stage, args.batches)
-  step = step_rate(config, stage, batch, mesh, args.steps)
+  step = bench.step_throughput(config, "distill", args.steps, batch, stage, mesh)["examples_per_s"]
   d = config.distill
   body = [
       f"`python benchmarks/input_pipeline.py --config={args.config} --batches={args.batches} "

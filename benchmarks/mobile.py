@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -79,17 +80,16 @@ def ort_int8(src: str, dst: str) -> str:
 
 
 def encoders(out: str, engine: tuple[str, str], threads: int, tmp: str):
+  """(text, image) encoders of `engine`; ORT's int8 files are the ones `main` wrote into tmp."""
   from export import runtime
 
   rt, fmt = engine
   if rt == "litert":
     return tuple(runtime.TFLiteEncoder(os.path.join(out, f"student_{e}_{fmt}.tflite"), threads)
                  for e in ("text", "image"))
-  paths = [os.path.join(out, f"student_{e}.onnx") for e in ("text", "image")]
-  if fmt == "int8":
-    paths = [p if os.path.exists(p := os.path.join(tmp, os.path.basename(s))) else ort_int8(s, p)
-             for s in paths]
-  return tuple(runtime.OnnxEncoder(p, threads) for p in paths)
+  d = tmp if fmt == "int8" else out
+  return tuple(runtime.OnnxEncoder(os.path.join(d, f"student_{e}.onnx"), threads)
+               for e in ("text", "image"))
 
 
 def main():
@@ -115,6 +115,8 @@ def main():
   s = meta["image_size"]
   image = np.random.default_rng(0).integers(0, 256, (1, s, s, 3)).astype(np.float32)
   tmp = tempfile.mkdtemp(prefix="mcad_mobile_")
+  for e in ("text", "image"):
+    ort_int8(os.path.join(out, f"student_{e}.onnx"), os.path.join(tmp, f"student_{e}.onnx"))
   lat, sizes, emb_dim = {}, {}, None
   for engine in ENGINES:
     for n in args.threads:
@@ -142,6 +144,7 @@ def main():
   rss = {fmt: json.loads(subprocess.run(
       [sys.executable, __file__, "--workdir", args.workdir, "--child", fmt, "--gallery", gallery],
       capture_output=True, text=True, check=True).stdout)["peak_rss_mib"] for fmt in ("int8", "none")}
+  shutil.rmtree(tmp)  # ORT's int8 files and the 100k gallery.
 
   name = lambda e: f"{'LiteRT' if e[0] == 'litert' else 'ONNX Runtime'} {e[1]}"
   lines = [

@@ -6,7 +6,7 @@
 
 Measured in one run:
 - examples/s of the jitted, donated train step on one device, on a fixed
-  synthetic batch (the input pipeline is not timed);
+  synthetic batch of every field the stage reads (the input pipeline is not timed);
 - achieved FLOP/s (XLA's cost analysis of the step / wall time) divided by the
   FLOP/s of a large f32 matmul timed in the same run: an MFU ratio for this CPU;
 - the step's device memory (arguments + temporaries + outputs, from
@@ -28,6 +28,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
@@ -100,49 +101,77 @@ def matmul_flops(closed_jaxpr) -> float:
   return walk(closed_jaxpr.jaxpr, 1.0)
 
 
-def step_throughput(config, name: str, steps: int) -> dict:
+def _is_oom(e: Exception) -> bool:
+  return "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+
+
+def synthetic_batch(config, stage, b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """A random batch of every field the stage reads: pixels, ids in the tokenizer each key names
+  (`text@<name>`: a teacher's own), and validity flags of the hard columns."""
+  own = stage.tokenizer or stages.tokenizer(config)
+  toks = {t.name: t for t in stage.extra_tokenizers}
+  s = config.data.image_size
+  out = {}
+  for k in stage.batch_keys:
+    if k == "image":
+      out[k] = rng.integers(0, 255, (b, s, s, 3)).astype(np.uint8)
+    elif k.endswith("_valid"):
+      out[k] = np.ones(b, bool)
+    elif k.startswith("teacher_"):
+      raise ValueError(f"the stage reads the teacher cache ({k}): pass a real batch instead")
+    else:
+      tok = toks.get(k.partition("@")[2], own)
+      ids = rng.integers(1000, min(3000, tok.vocab_size), (b, tok.max_len)).astype(np.int32)
+      ids[:, 0] = tok.cls_id
+      out[k] = ids
+  return out
+
+
+def step_throughput(config, name: str, steps: int, batch: dict | None = None, stage=None,
+                    mesh=None) -> dict:
+  """Examples/s, FLOPs and memory of stage `name`'s jitted, donated train step on one device,
+  on a fixed batch: `batch` (a real host batch) or a synthetic one."""
   scfg = config[name]
-  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  stage = stages.build(config, name, "", mesh)
+  mesh = mesh or sharding.make_mesh(config.mesh, jax.devices()[:1])
+  stage = stage or stages.build(config, name, "", mesh)
   tx, sched = train.make_optimizer(scfg, stage.freeze)
   init, shard, _ = train.abstract_state(stage, scfg, config, mesh)
   state = jax.jit(init, out_shardings=shard)(jax.random.key(0))
-  rng = np.random.default_rng(0)
-  b, s, L = scfg.batch_size, config.data.image_size, config.data.text_len
-  text = rng.integers(1000, 3000, (b, L)).astype(np.int32)
-  text[:, 0] = 101
-  batch = {"image": rng.integers(0, 255, (b, s, s, 3)).astype(np.uint8), "text": text}
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
-  fn = jax.jit(lambda st, bt: train.train_step(st, bt, None, loss_fn=stage.loss_fn, tx=tx,
-                                               schedule=sched, accum=scfg.accum_steps,
-                                               base_rng=jax.random.key(0)),
-               in_shardings=(shard, sharding.batch_sharding(mesh)),
+  b = scfg.batch_size
+  if batch is None:
+    batch = synthetic_batch(config, stage, b, np.random.default_rng(0))
+  batch = sharding.to_global({k: batch[k] for k in stage.batch_keys}, mesh)
+  frozen_sh = jax.tree.map(lambda x: x.sharding, stage.frozen)
+  fn = jax.jit(functools.partial(train.train_step, loss_fn=stage.loss_fn, tx=tx, schedule=sched,
+                                 accum=scfg.accum_steps, base_rng=jax.random.key(0),
+                                 update_mask=stage.update_mask),
+               in_shardings=(shard, sharding.batch_sharding(mesh), frozen_sh),
                out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
   try:
-    compiled = fn.lower(state, batch).compile()
+    compiled = fn.lower(state, batch, stage.frozen).compile()
   except Exception as e:  # noqa: BLE001 - XLA reports OOM at compile time as several types.
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+    if _is_oom(e):
       return {"batch": b, "oom": True}
     raise
   mem = compiled.memory_analysis()
   step_bytes = sum(getattr(mem, k, 0) or 0 for k in (
       "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes")) - (
       getattr(mem, "alias_size_in_bytes", 0) or 0)
-  counted = matmul_flops(jax.make_jaxpr(fn)(state, batch))
+  counted = matmul_flops(jax.make_jaxpr(fn)(state, batch, stage.frozen))
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0))
   try:
     for _ in range(3):  # Warm-up.
-      state, m = compiled(state, batch)
+      state, m = compiled(state, batch, stage.frozen)
     jax.block_until_ready(m)
   except Exception as e:  # noqa: BLE001
-    if "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower():
+    if _is_oom(e):
       return {"batch": b, "oom": True}
     raise
   t = time.perf_counter()
   for _ in range(steps):
-    state, m = compiled(state, batch)
+    state, m = compiled(state, batch, stage.frozen)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - t) / steps
   return {"batch": b, "step_s": dt, "examples_per_s": b / dt, "flops_per_step": counted,

@@ -51,8 +51,8 @@ class RowFile:
 
   For re-ranking a few candidates against a fine gallery without holding it: a memory map
   would do the same, but the page cache's read-ahead and fault-around map far more than the
-  rows touched (600 random rows of a 1M x 64 fp16 file mapped 125 MB), which a phone pays in
-  resident memory.
+  rows touched (most of a 1M-row file within a few searches, in a scratch test), which a phone
+  pays in resident memory.
   """
 
   def __init__(self, path: str, dtype, n: int, dim: int):
@@ -203,15 +203,14 @@ class Index:
     scored again against its rows and the best k of them returned: int8 speed and memory, the
     ranking of the finer rows (BENCHMARKS.md, "Search at scale").
     """
+    q = self._query(query)
     if rerank is not None:
       if rerank.rows.shape != self.rows.shape:
         raise ValueError(f"re-ranking index holds {rerank.rows.shape}, this one {self.rows.shape}")
-      cand, _ = self.search(query, max(k, candidates), use_faiss)
-      q = self._query(query)
+      cand, _ = self.search(q, max(k, candidates), use_faiss)
       s = np.einsum("qe,qce->qc", q, rerank.rows[cand].astype(np.float32) * rerank.scale)
       order = np.argsort(-s, axis=1, kind="stable")[:, :min(k, len(self))]
       return np.take_along_axis(cand, order, 1), np.take_along_axis(s, order, 1)
-    q = self._query(query)
     k = min(k, len(self))
     if use_faiss and self._faiss is not None:
       scores, idx = self._faiss.search(q, k)

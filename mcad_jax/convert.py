@@ -88,6 +88,12 @@ def bert_text_kwargs(cfg: dict, gelu_exact: bool = False) -> dict:
           "gelu_exact": gelu_exact, "pool": "mean"}
 
 
+def _num_layers(sd, prefix: str) -> int:
+  """How many numbered layers `<prefix><i>.` the state dict holds."""
+  pat = re.compile(re.escape(prefix) + r"(\d+)\.")
+  return 1 + max(int(m.group(1)) for k in sd if (m := pat.match(k)))
+
+
 def _t(w):  # torch Linear weight [out, in] -> flax kernel [in, out]
   return np.ascontiguousarray(np.asarray(w, np.float32).T)
 
@@ -124,7 +130,7 @@ def bert_text(sd: dict[str, np.ndarray], max_len: int, heads: int) -> dict[str, 
       "pos_embedding": (pos[:max_len] + typ)[None],
       "ln_emb": _ln(sd, "embeddings.LayerNorm"),
       "encoder": {}}
-  depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layer\.(\d+)\.", k)))
+  depth = _num_layers(sd, "encoder.layer.")
   for i in range(depth):
     L = f"encoder.layer.{i}"
     attn = {n: _qkv_dense(sd[f"{L}.attention.self.{n}.weight"], sd[f"{L}.attention.self.{n}.bias"], heads)
@@ -151,10 +157,9 @@ def clip_model_kwargs(sd: dict[str, np.ndarray]) -> dict[str, Any]:
     raise WeightsError("not a CLIP ViT state dict: no 'visual.conv1.weight'")
   conv = sd["visual.conv1.weight"]  # [width, 3, patch, patch]
   vw, patch = conv.shape[0], conv.shape[2]
-  vdepth = 1 + max(int(m.group(1)) for k in sd
-                   if (m := re.match(r"visual\.transformer\.resblocks\.(\d+)\.", k)))
+  vdepth = _num_layers(sd, "visual.transformer.resblocks.")
   tw = sd["token_embedding.weight"].shape[1]
-  tdepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"transformer\.resblocks\.(\d+)\.", k)))
+  tdepth = _num_layers(sd, "transformer.resblocks.")
   grid = int(round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5))
   return {
       "image_kw": {"width": vw, "depth": vdepth, "heads": vw // 64, "patch": patch,
@@ -171,7 +176,7 @@ def clip_model_kwargs(sd: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _clip_blocks(sd, prefix: str, heads: int) -> dict[str, Any]:
-  depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k)))
+  depth = _num_layers(sd, prefix)
   out = {}
   for i in range(depth):
     B = f"{prefix}{i}"
@@ -223,17 +228,16 @@ def blip_model_kwargs(sd: dict[str, np.ndarray], config_json: dict | None = None
   sd = _blip_strip(sd)
   conv = sd["vision_model.embeddings.patch_embedding.weight"]
   vw, patch = conv.shape[0], conv.shape[2]
-  depth = lambda pat: 1 + max(int(m.group(1)) for k in sd if (m := re.match(pat, k)))  # noqa: E731
   tw = sd["text_encoder.embeddings.word_embeddings.weight"].shape[1]
   cfg = config_json or {}
   vh = cfg.get("vision_config", {}).get("num_attention_heads", max(1, vw // 64))
   th = cfg.get("text_config", {}).get("num_attention_heads", max(1, tw // 64))
   grid = int(round((sd["vision_model.embeddings.position_embedding"].shape[1] - 1) ** 0.5))
   return {
-      "image_kw": {"width": vw, "depth": depth(r"vision_model\.encoder\.layers\.(\d+)\."), "heads": vh,
+      "image_kw": {"width": vw, "depth": _num_layers(sd, "vision_model.encoder.layers."), "heads": vh,
                    "patch": patch, "pool": "tok", "gelu_exact": True, "ln_eps": 1e-5,
                    "mlp_dim": sd["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]},
-      "text_kw": {"width": tw, "depth": depth(r"text_encoder\.encoder\.layer\.(\d+)\."), "heads": th,
+      "text_kw": {"width": tw, "depth": _num_layers(sd, "text_encoder.encoder.layer."), "heads": th,
                   "mlp_dim": sd["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
                   "vocab_size": sd["text_encoder.embeddings.word_embeddings.weight"].shape[0]},
       "embed_dim": sd["vision_proj.weight"].shape[0],
@@ -271,7 +275,7 @@ def blip_model(sd: dict[str, np.ndarray], max_len: int, text_heads: int, image_h
       "cls": f32(sd[f"{V}.embeddings.class_embedding"]).reshape(1, 1, -1),
       "pos_embedding": f32(sd[f"{V}.embeddings.position_embedding"]).reshape(1, -1, conv.shape[0]),
       "encoder": {"ln_final": _ln(sd, f"{V}.post_layernorm")}}
-  vdepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"{V}\.encoder\.layers\.(\d+)\.", k)))
+  vdepth = _num_layers(sd, f"{V}.encoder.layers.")
   for i in range(vdepth):
     L = f"{V}.encoder.layers.{i}"
     w, b = f32(sd[f"{L}.self_attn.qkv.weight"]), f32(sd[f"{L}.self_attn.qkv.bias"])
@@ -289,7 +293,7 @@ def blip_model(sd: dict[str, np.ndarray], max_len: int, text_heads: int, image_h
     raise WeightsError(f"text length {max_len} exceeds the BLIP checkpoint's {pos.shape[0]} positions")
   txt: dict[str, Any] = {"token_embedding": f32(sd[f"{T}.embeddings.word_embeddings.weight"]),
                          "pos_embedding": pos[:max_len][None], "ln_emb": _ln(sd, f"{T}.embeddings.LayerNorm")}
-  tdepth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"{T}\.encoder\.layer\.(\d+)\.", k)))
+  tdepth = _num_layers(sd, f"{T}.encoder.layer.")
 
   def attention(prefix):
     a = {n: _qkv_dense(sd[f"{prefix}.self.{n}.weight"], sd[f"{prefix}.self.{n}.bias"], text_heads)

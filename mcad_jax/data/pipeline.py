@@ -106,7 +106,8 @@ def ensure_prepared(data_cfg) -> None:
 @contextlib.contextmanager
 def _quiet_tfds():
   """TFDS prints its preparation banner to stdout and absl warnings about folders it has not
-  written yet: a user should see our own progress lines, so those go to the debug log."""
+  written yet: a user should see our own progress lines, so those are dropped (the banner is
+  logged at DEBUG level, which our handlers do not show)."""
   absl_log = logging.getLogger("absl")
   level = absl_log.level
   absl_log.setLevel(logging.ERROR)

@@ -300,7 +300,6 @@ class Split:
       raise ValueError(f"shapes/{variant} has no split {split!r}; it has {sorted(sizes)}")
     self.split, self._n = split, sizes[split]
     self.variant.spec.validate()
-
     self._held: list[dict] | None = None
 
   def __len__(self) -> int:
@@ -310,9 +309,7 @@ class Split:
     i = int(i)
     if not 0 <= i < self._n:
       raise IndexError(f"example {i} of a {self._n}-example split")
-    if self._held is not None:
-      return self._held[i]
-    return example(self.variant.spec, self.variant.seed, self.split, i)
+    return self._held[i] if self._held is not None else self._render(i)
 
   def hold(self, processes: int) -> Split:
     """Renders the whole split once, over `processes` worker processes, and serves reads from
