@@ -10,9 +10,9 @@ For the encoders of a finished export stage (W/export/), one run, same inputs:
   (`onnxruntime.quantization.quantize_dynamic`, what an ORT user would do), at each thread count;
   ratios to ORT fp32 at the same thread count;
 - file sizes;
-- peak RSS of a phone-like query process: both int8 TFLite encoders and a 100k-entry int8
-  gallery loaded, answering queries, measured in a fresh subprocess beside one that imports the
-  runtime and loads nothing;
+- peak RSS of a text-to-image query process (the int8 text encoder and a 100k-entry int8
+  gallery, answering queries), of one that also loads the image encoder, and of one that imports
+  the runtime and loads nothing, each a fresh subprocess;
 - brute-force search latency over 10k and 100k embeddings (fp16 and int8 index).
 The galleries are random unit vectors: search cost does not depend on the values. With --write
 the tables replace the section between the markers in BENCHMARKS.md.
@@ -43,27 +43,31 @@ ENGINES = (("litert", "fp32"), ("litert", "fp16"), ("litert", "int8"), ("ort", "
            ("ort", "int8"))
 
 
-def child(workdir: str, fmt: str, gallery: str) -> dict:
-  """Peak RSS of a query process: both int8 encoders + a 100k int8 index, answering queries the
-  way the search CLI does.
+def child(workdir: str, what: str, gallery: str) -> dict:
+  """Peak RSS of a query process, loading `what`: 'none' (the runtime: LiteRT, the tokenizer,
+  faiss when installed; no model), 'text' (a text-to-image query process: the int8 text encoder
+  and a 100k int8 gallery opened the way the search CLI opens it, answering queries) or 'both'
+  (the same plus the int8 image encoder, run once).
 
   Read from /proc's VmHWM, which starts afresh at exec (getrusage's ru_maxrss would
   inherit the forking parent's peak).
   """
+  import ai_edge_litert.interpreter  # noqa: F401  (the runtime)
   from export import index, runtime
   from mcad_jax.data import tokenizer as tokenizers
 
+  if index.has_faiss():
+    import faiss  # noqa: F401
   out = os.path.join(workdir, "export")
   meta = json.load(open(os.path.join(out, "meta.json")))
-  if fmt == "none":
-    import ai_edge_litert.interpreter  # noqa: F401  (the runtime, loaded but given no model)
-  else:
-    tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
-    txt = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"))
-    img = runtime.TFLiteEncoder(os.path.join(out, f"student_image_{fmt}.tflite"))
-    ix = index.Index.load(gallery)
-    s = meta["image_size"]
-    img(np.zeros((1, s, s, 3), np.float32))
+  tok = tokenizers.make(meta.get("tokenizer", "wordpiece"), meta["text_len"])
+  if what != "none":
+    txt = runtime.TFLiteEncoder(os.path.join(out, "student_text_int8.tflite"))
+    ix = index.open_for_search(gallery)
+    if what == "both":
+      s = meta["image_size"]
+      runtime.TFLiteEncoder(os.path.join(out, "student_image_int8.tflite"))(
+          np.zeros((1, s, s, 3), np.float32))
     for _ in range(20):
       ix.search(txt(tok.encode_batch([QUERY])), 10)  # The CLI's path (faiss if installed).
   with open("/proc/self/status") as f:
@@ -143,7 +147,8 @@ def main():
         ix.save(gallery)
   rss = {fmt: json.loads(subprocess.run(
       [sys.executable, __file__, "--workdir", args.workdir, "--child", fmt, "--gallery", gallery],
-      capture_output=True, text=True, check=True).stdout)["peak_rss_mib"] for fmt in ("int8", "none")}
+      capture_output=True, text=True, check=True).stdout)["peak_rss_mib"]
+      for fmt in ("text", "both", "none")}
   shutil.rmtree(tmp)  # ORT's int8 files and the 100k gallery.
 
   name = lambda e: f"{'LiteRT' if e[0] == 'litert' else 'ONNX Runtime'} {e[1]}"
@@ -166,8 +171,11 @@ def main():
                    f"| {sizes[engine][0] / 1e6:.2f} | {sizes[engine][1] / 1e6:.2f} |")
   lines += [
       "",
-      f"Peak RSS of a query process holding both int8 TFLite encoders and a {GALLERY:,}-entry int8 "
-      f"gallery: **{rss['int8']:.0f} MiB** (the LiteRT runtime alone: {rss['none']:.0f} MiB).",
+      f"Peak RSS of a text-to-image query process (the int8 text encoder and a {GALLERY:,}-entry "
+      f"int8 gallery, {GALLERY * emb_dim / 2**20:.0f} MiB of codes, answering queries): "
+      f"**{rss['text']:.0f} MiB**; with the int8 image encoder loaded too: {rss['both']:.0f} MiB; "
+      f"the same Python process with the runtime imported (LiteRT, the tokenizer, NumPy, faiss) "
+      f"but no model or gallery: {rss['none']:.0f} MiB.",
       "",
       "| gallery | fp16 index: search (ms) | fp16 size (MB) | int8 index: search (ms) | int8 size (MB) "
       "| int8 / fp16 time |",

@@ -35,8 +35,9 @@ ROWS = (("student_only", "student_only", {"hard_columns": False}),
 
 
 def run(config, workdir):
-  from mcad_jax import sharding, train
+  from mcad_jax import config_lib, sharding, train
 
+  config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
   return train.run_stages(config, workdir, mesh)
 
@@ -52,8 +53,9 @@ def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: i
   c.distill.recipe = recipe
   c.distill.cache = True
   c.seed = seed
-  if steps:
+  if steps:  # A short run keeps a warmup shorter than itself (1500 steps keep the variant's).
     c.distill.steps = steps
+    c.distill.optim.warmup_steps = min(c.distill.optim.warmup_steps, max(1, steps // 15))
   c.name = f"recipes:{recipe}:seed{seed}"
   return c
 

@@ -40,6 +40,20 @@ _HEAD = struct.Struct("<8sIIQIfII")
 HEADER_BYTES = _HEAD.size  # 40
 DTYPES = {"fp16": (1, np.float16), "int8": (2, np.int8)}
 _CODES = {code: (name, dt) for name, (code, dt) in DTYPES.items()}
+BLOCK_BYTES = 4 << 20  # A pass over the gallery reads it in blocks of this size.
+
+
+def has_faiss() -> bool:
+  """Whether faiss-cpu is installed (extra `search`)."""
+  import importlib.util
+
+  return importlib.util.find_spec("faiss") is not None
+
+
+def open_for_search(path: str) -> "Index":
+  """An index file as a query process should hold it: with faiss, the rows stay on disk (checked
+  block by block) and faiss's codes are the one copy in memory; without it, the rows are read."""
+  return Index.load(path, lazy=has_faiss())
 
 
 class IndexFileError(ValueError):
@@ -64,6 +78,13 @@ class RowFile:
     return self.shape[0]
 
   def __getitem__(self, idx) -> np.ndarray:
+    if isinstance(idx, slice):  # A block of consecutive rows: one read.
+      a, b, step = idx.indices(self.shape[0])
+      if step != 1:
+        raise IndexError("RowFile slices take consecutive rows (step 1)")
+      n = max(0, b - a)
+      buf = os.pread(self._fd, n * self._row, HEADER_BYTES + a * self._row)
+      return np.frombuffer(buf, self.dtype).reshape(n, self.shape[1])
     idx = np.asarray(idx, np.int64)
     if idx.size and (idx.min() < 0 or idx.max() >= self.shape[0]):
       raise IndexError(f"rows {idx.min()}..{idx.max()} of a {self.shape[0]}-row file")
@@ -73,6 +94,13 @@ class RowFile:
       flat[j] = np.frombuffer(os.pread(self._fd, self._row, HEADER_BYTES + int(i) * self._row),
                               self.dtype)
     return out
+
+  def blocks(self):
+    """The rows in consecutive blocks of about BLOCK_BYTES (a pass over the file in bounded
+    memory)."""
+    rows = max(1, BLOCK_BYTES // self._row)
+    for a in range(0, self.shape[0], rows):
+      yield self[a:a + rows]
 
   def __del__(self):
     if getattr(self, "_fd", None) is not None:
@@ -121,8 +149,8 @@ class Index:
   @classmethod
   def load(cls, path: str, verify: bool = True, lazy: bool = False) -> "Index":
     """Reads and checks an index file. With `lazy` the rows stay on disk and only the rows asked
-    for are read (`RowFile`: a re-ranking file); their checksum is then not verified, which
-    would read them all."""
+    for are read (`RowFile`: a re-ranking file, or the blocks faiss copies); `verify` then reads
+    the file once, block by block (pass False for a re-ranking file that is only sampled)."""
     if not os.path.isfile(path):
       raise IndexFileError(f"{path}: no such index file")
     size = os.path.getsize(path)
@@ -145,7 +173,14 @@ class Index:
         raise IndexFileError(f"{path}: {size} bytes, header says {want} ({n} x {dim} "
                              f"{_CODES[code][0]}); truncated or padded")
       if lazy:
-        return cls(RowFile(path, dt, n, dim), float(scale))
+        rows = RowFile(path, dt, n, dim)
+        if verify:  # Block by block: the check never holds the gallery.
+          crc = 0
+          for block in rows.blocks():
+            crc = zlib.crc32(block, crc)
+          if crc != data_crc:
+            raise IndexFileError(f"{path}: data checksum mismatch (corrupt rows)")
+        return cls(rows, float(scale))
       data = f.read()
     if verify and zlib.crc32(data) != data_crc:
       raise IndexFileError(f"{path}: data checksum mismatch (corrupt rows)")
@@ -166,7 +201,7 @@ class Index:
   def _rows_float(self) -> np.ndarray:
     """The stored rows as a float32 copy, made once, for the numpy path (no faiss): numpy has no
     fast fp16 or int8 matrix product."""
-    return self.rows.astype(np.float32)
+    return np.asarray(self.rows[0:len(self)]).astype(np.float32)
 
   @functools.cached_property
   def _faiss(self):
@@ -187,10 +222,19 @@ class Index:
       faiss.copy_array_to_vector(np.array([-128.5 * self.scale, 255.0 * self.scale], np.float32),
                                  ix.sq.trained)
     ix.is_trained = True
-    step = 1 << 16  # In blocks, so the code translation never holds a second whole gallery.
+    # faiss's code array is sized once and filled in place, block by block (int8 codes shifted by
+    # 128): the gallery is never held twice, not even while it is appended. With lazy rows
+    # (`load(lazy=True)`) the blocks come from the file, and faiss's codes are the only copy.
+    ix.codes.resize(n * ix.code_size)
+    codes = faiss.rev_swig_ptr(ix.codes.data(), n * ix.code_size).reshape(n, ix.code_size)
+    step = max(1, BLOCK_BYTES // ix.code_size)
     for a in range(0, n, step):
-      codes = self.rows[a:a + step].view(np.uint8)
-      ix.add_sa_codes(codes if self.dtype == "fp16" else codes ^ np.uint8(0x80))
+      block = np.asarray(self.rows[a:a + step]).view(np.uint8).reshape(-1, ix.code_size)
+      if self.dtype == "fp16":
+        codes[a:a + len(block)] = block
+      else:
+        np.bitwise_xor(block, np.uint8(0x80), out=codes[a:a + len(block)])
+    ix.ntotal = n
     return ix
 
   def search(self, query: np.ndarray, k: int = 10, use_faiss: bool = True,

@@ -95,13 +95,20 @@ class TFLiteEncoder:
   def __init__(self, path: str, num_threads: int = 1):
     from ai_edge_litert.interpreter import Interpreter
 
-    buf = _read(path)
-    tflite_ops(buf)  # A clear error for a truncated / foreign file before the C++ loader sees it.
+    if not os.path.isfile(path):
+      _read(path)  # The one "no such model file" message.
+    with open(path, "rb") as f:
+      head = f.read(8)
+    if len(head) < 8 or head[4:8] != b"TFL3":
+      raise ModelFileError(f"{path}: not a TFLite flatbuffer (no TFL3 identifier)")
     try:
-      self.interp = Interpreter(model_content=buf, num_threads=num_threads)
+      # By path, not by content: LiteRT maps the file and verifies the flatbuffer, so weights it
+      # never touches (most of a text encoder's word-embedding table) stay out of resident
+      # memory; read into a Python buffer, the whole file would be (BENCHMARKS.md, peak RSS).
+      self.interp = Interpreter(model_path=path, num_threads=num_threads)
       self.interp.allocate_tensors()
     except (ValueError, RuntimeError) as e:
-      raise ModelFileError(f"{path}: LiteRT cannot load it: {e}") from e
+      raise ModelFileError(f"{path}: LiteRT cannot load it (truncated or corrupt?): {e}") from e
     self.path = path
     self.inp = self.interp.get_input_details()[0]
     self.out = self.interp.get_output_details()[0]

@@ -36,14 +36,14 @@ class Searcher:
       self.meta = json.load(f)
     self.tokenizer = tokenizers.make(self.meta.get("tokenizer", "wordpiece"), self.meta["text_len"])
     self.encoder = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"), num_threads)
-    self.index = index_lib.Index.load(os.path.join(out, f"gallery_{index_dtype}.idx"))
+    self.index = index_lib.open_for_search(os.path.join(out, f"gallery_{index_dtype}.idx"))
     if len(self.index) != self.meta["gallery_size"]:
       raise index_lib.IndexFileError(f"index has {len(self.index)} rows, meta.json says "
                                      f"{self.meta['gallery_size']}: re-run the export")
     # An int8 search is re-ranked by the fp16 file when the export wrote one, read lazily:
     # only the candidates' rows are read.
     fp16 = os.path.join(out, "gallery_fp16.idx")
-    self.rerank = (index_lib.Index.load(fp16, lazy=True)
+    self.rerank = (index_lib.Index.load(fp16, verify=False, lazy=True)
                    if index_dtype == "int8" and os.path.isfile(fp16) else None)
 
   def query(self, text: str, k: int = 5) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:

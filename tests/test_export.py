@@ -207,9 +207,10 @@ def test_int8_search_reranked_by_the_fp16_file_read_lazily(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["fp16", "int8"])
-def test_index_faiss_and_numpy_paths_agree(dtype):
+def test_index_faiss_and_numpy_paths_agree(tmp_path, dtype, monkeypatch):
   pytest.importorskip("faiss")
-  e = _emb(2000, 24)
+  monkeypatch.setattr(index, "BLOCK_BYTES", 24 * 100)  # Several blocks, the last one short.
+  e = _emb(2050, 24)
   ix = index.Index.build(e, dtype)
   q = _emb(9, 24, seed=3)
   i_f, s_f = ix.search(q, 10)
@@ -217,6 +218,15 @@ def test_index_faiss_and_numpy_paths_agree(dtype):
   assert ix._faiss is not None and ix._faiss.ntotal == len(e)
   np.testing.assert_allclose(s_f, s_n, rtol=1e-4, atol=1e-5)
   np.testing.assert_array_equal(i_f, i_n)
+  # A query process keeps the rows on disk; faiss's codes, filled block by block from the file,
+  # are its one copy, and it answers the same.
+  ix.save(str(tmp_path / "g.idx"))
+  lazy = index.open_for_search(str(tmp_path / "g.idx"))
+  assert isinstance(lazy.rows, index.RowFile)
+  np.testing.assert_array_equal(lazy.rows[5:2049], ix.rows[5:2049])
+  i_l, s_l = lazy.search(q, 10)
+  np.testing.assert_array_equal(i_l, i_f)
+  np.testing.assert_array_equal(s_l, s_f)
 
 
 @pytest.mark.parametrize("damage,match", [
@@ -226,12 +236,14 @@ def test_index_faiss_and_numpy_paths_agree(dtype):
     (lambda b: b[:17] + bytes([b[17] ^ 0x01]) + b[18:], "header checksum"),
     (lambda b: b"NOTANIDX" + b[8:], "not an mcad index"),
 ])
-def test_damaged_index_is_refused(tmp_path, damage, match):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_damaged_index_is_refused(tmp_path, damage, match, lazy, monkeypatch):
+  monkeypatch.setattr(index, "BLOCK_BYTES", 1000)  # The lazy check reads the rows in blocks.
   path = tmp_path / "g.idx"
   index.Index.build(_emb(), "int8").save(str(path))
   path.write_bytes(damage(path.read_bytes()))
   with pytest.raises(index.IndexFileError, match=match):
-    index.Index.load(str(path))
+    index.Index.load(str(path), lazy=lazy)
 
 
 def test_damaged_model_file_is_refused(tmp_path, tiny):
