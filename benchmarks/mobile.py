@@ -53,6 +53,7 @@ def child(workdir: str, what: str, gallery: str) -> dict:
   inherit the forking parent's peak).
   """
   import ai_edge_litert.interpreter  # noqa: F401  (the runtime)
+
   from export import index, runtime
   from mcad_jax.data import tokenizer as tokenizers
 
