@@ -128,10 +128,6 @@ def main():
       cfg = recipe_config(args.variant, args.teachers, recipe, seed, args.steps)
       cfg.distill.update(fixed)
       tag = apply_overrides(cfg.distill, args.set, cfg)
-      if recipe == "student_only" and cfg.distill.hard_label_weight:
-        # The same ground truth over the hard columns for every row: the student alone has no
-        # KL, so its twins' softmax (weighted by hard_weight) gets the label's weight.
-        cfg.distill.hard_weight = cfg.distill.hard_label_weight
       out = os.path.join(args.out, f"{name}{tag}_seed{seed}")
       if args.collect and not os.path.exists(os.path.join(out, "distill", "done.json")):
         continue

@@ -51,9 +51,10 @@ def has_faiss() -> bool:
 
 
 def open_for_search(path: str) -> "Index":
-  """An index file as a query process should hold it: with faiss, the rows stay on disk (checked
-  block by block) and faiss's codes are the one copy in memory; without it, the rows are read."""
-  return Index.load(path, lazy=has_faiss())
+  """An index file as a query process should hold it, ready to search: with faiss, the rows stay
+  on disk (checked block by block) and faiss's codes are the one copy in memory; without it, the
+  rows are read. The search backend is built here, so the first query's time is a search's."""
+  return Index.load(path, lazy=has_faiss()).prepare()
 
 
 class IndexFileError(ValueError):
@@ -196,6 +197,13 @@ class Index:
     """Dot products of float queries [Q, E] with every dequantized row -> [Q, N] float32."""
     q = self._query(query)
     return (q @ self._rows_float.T) * np.float32(self.scale)
+
+  def prepare(self) -> "Index":
+    """Builds the search backend now (faiss's index, or numpy's float rows), not at the first
+    query; returns self."""
+    if self._faiss is None:
+      self._rows_float  # noqa: B018  (a cached property, built for its side effect)
+    return self
 
   @functools.cached_property
   def _rows_float(self) -> np.ndarray:

@@ -44,10 +44,14 @@ class ModelFileError(ValueError):
   """A model file that is missing, truncated or not a model."""
 
 
-def _read(path: str) -> bytes:
+def _need_file(path: str) -> None:
   if not os.path.isfile(path):
     raise ModelFileError(f"{path}: no such model file (run the export stage: python -m export "
                          f"--workdir W)")
+
+
+def _read(path: str) -> bytes:
+  _need_file(path)
   with open(path, "rb") as f:
     return f.read()
 
@@ -95,8 +99,7 @@ class TFLiteEncoder:
   def __init__(self, path: str, num_threads: int = 1):
     from ai_edge_litert.interpreter import Interpreter
 
-    if not os.path.isfile(path):
-      _read(path)  # The one "no such model file" message.
+    _need_file(path)
     with open(path, "rb") as f:
       head = f.read(8)
     if len(head) < 8 or head[4:8] != b"TFL3":

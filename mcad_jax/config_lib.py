@@ -131,7 +131,8 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   c.hard_weight = 1.0
   # With a teacher, also the ground truth over the hard columns (canonical caption vs its twins,
   # a softmax, as student_only's hard negatives): distillation on top of hard negatives. Our
-  # addition, not in the papers; 0 keeps the KL alone.
+  # addition, not in the papers; 0 keeps the KL alone. When set, student_only's twins take this
+  # weight instead of hard_weight, so every recipe gets the same ground truth.
   c.hard_label_weight = 0.0
   c.mcad = ml_collections.ConfigDict(dict(
       mode="matched",       # 'matched': fuse f_ii into v_i, t_i; 'all_pairs': + b * ITM_ij on top-k

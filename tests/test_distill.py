@@ -161,6 +161,11 @@ def test_every_recipe_trains_on_8_devices(teacher_workdir, recipe, over):
   moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(start["student"]),
                                                   jax.tree.leaves(end["student"]), strict=True)]
   assert any(moved)
+  if recipe == "student_only":
+    # InfoNCE (weight 1) plus the twins' softmax, at the ground truth's weight when one is set.
+    w = config.distill.hard_label_weight or config.distill.hard_weight
+    np.testing.assert_allclose(m["training_loss"],
+                               m["loss/si_st_infonce"] + w * m["loss/hard_softmax"], rtol=1e-5)
   if recipe != "student_only":
     assert any(k.startswith("loss/") and k != "loss/si_st_infonce" for k in m)
     assert "loss/hard_kl" in m  # The smoke student has hard columns.

@@ -60,9 +60,10 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       nodes = distill.Nodes({"si": si, "st": st}, {})
       loss, t = distill.graph_loss(nodes, table, saux["logit_scale"], dcfg.kl_temperature or 0.05,
                                    dcfg.kl_tau_squared)
-      if hard:  # No teacher: the twins are hard negatives (NegCLIP-style).
+      if hard:  # No teacher: the twins are hard negatives (NegCLIP-style), weighted as the
+        # ground truth is in every other recipe (hard_label_weight) when that is set.
         t["loss/hard_softmax"] = losses.candidate_softmax(g, valid, row_w)
-        loss = loss + dcfg.hard_weight * t["loss/hard_softmax"]
+        loss = loss + (dcfg.get("hard_label_weight", 0.0) or dcfg.hard_weight) * t["loss/hard_softmax"]
       return loss, {**terms, **t}
     if cache is not None:
       tout = {k: batch[f"teacher_{k}"] for k in cache.keys}
