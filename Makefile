@@ -37,8 +37,9 @@ lint: $(STAMP)
 test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q tests
 
-# Only the tests marked slow (the notebook, MCAD's other modes and recipes, SIGTERM and cache-build
-# kills, the COCO teacher's sharding, the shipped fusion teacher's eval); CI runs them after `make test`.
+# Only the tests marked slow (the notebook, MCAD's other modes and recipes, cached vs online
+# teachers, the COCO pretrained variant, SIGTERM and cache-build kills, the COCO teacher's sharding,
+# the shipped fusion teacher's eval); CI runs them after `make test`.
 test-slow: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q tests --runslow -m slow
 

@@ -1,6 +1,7 @@
 """configs/coco.py through the real pipeline, on TFDS mock data (no download)."""
 
 import numpy as np
+import pytest
 
 from configs import coco
 from mcad_jax.data import pipeline, tokenizer as tokenizers
@@ -54,6 +55,7 @@ def _small_checkpoints(tmp_path):
   return bert_cfg.to_dict()
 
 
+@pytest.mark.slow  # ~2 min; `make test-slow` (CI runs it)
 def test_pretrained_variant_three_tokenizers_through_export(tmp_path):
   """configs/coco.py:pretrained end to end on mock COCO: an open_clip dual teacher (CLIP BPE), a BLIP
   single-stream teacher (its own WordPiece vocab) and a BERT-initialized student (MiniLM's WordPiece),

@@ -130,10 +130,10 @@ def _steps(config, name, workdir, n=2):
 
 slow = pytest.mark.slow
 RECIPE_CASES = [
-    # With the shapes config's ground truth over the hard columns on top of their KL, and
-    # MCAD with the KL alone.
-    ("clip_kd", {}), ("mcad", {"hard_label_weight": 0.0}),
+    # MCAD with the shapes config's ground truth over the hard columns on top of its KL.
+    ("mcad", {}),
     # The other recipes and MCAD's other modes: slow (~45 s each); `make test-slow` runs them.
+    pytest.param("clip_kd", {}, marks=slow), pytest.param("mcad", {"hard_label_weight": 0.0}, marks=slow),
     pytest.param("student_only", {}, marks=slow), pytest.param("tinyclip", {}, marks=slow),
     pytest.param("conaclip", {}, marks=slow),
     pytest.param("mcad", {"mcad.mode": "all_pairs"}, marks=slow),
@@ -198,6 +198,7 @@ def test_fusion_stage_keeps_frozen_towers(teacher_workdir):
   assert "loss/twin_softmax" in m and "twin_acc/relation" in m and all(np.isfinite(losses))
 
 
+@pytest.mark.slow  # ~2 min; `make test-slow` (CI runs it)
 def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_path):
   config = shapes.get_config("smoke")
   config.data.data_dir = ""  # The cache goes next to the dataset (TFDS_DATA_DIR here).
