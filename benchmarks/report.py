@@ -39,3 +39,19 @@ def median_ms(fn, reps: int, warmup: int = 5) -> float:
     fn()
     ts.append(time.perf_counter() - t)
   return 1e3 * float(np.median(ts))
+
+
+def medians_in_turns(fns: dict, reps: int, warmup: int = 5) -> dict:
+  """Median wall time in ms of each of `fns` (name -> fn()), the calls taking turns: round r
+  times one call of each. On a shared machine a burst of load then hits every contender alike,
+  so their ratios hold better than from one timed loop after another."""
+  for fn in fns.values():
+    for _ in range(warmup):
+      fn()
+  ts = {name: [] for name in fns}
+  for _ in range(reps):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      fn()
+      ts[name].append(time.perf_counter() - t)
+  return {name: 1e3 * float(np.median(t)) for name, t in ts.items()}

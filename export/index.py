@@ -19,7 +19,13 @@ the query too cost recall (BENCHMARKS.md, "Search at scale"). Search is
 exhaustive, like the papers' phones. With `faiss-cpu` installed (extra
 `search`) the stored rows are handed to a faiss scalar-quantizer index that
 decodes them on the fly (faster than numpy, no float copy of the gallery); the
-file format is ours either way, so a phone reads it without faiss.
+file format is ours either way, so a phone reads it without faiss. A query
+process holds the gallery in memory (faiss's codes the one copy) or streams it
+from the file at each query in bounded memory (`open_for_search`). faiss's
+on-disk options memory-map the file (IO_FLAG_MMAP; OnDiskInvertedLists is for
+IVF), and mapped pages a scan touches count in the process's memory, so the
+streamed pass is ours: it reads each block into a block-sized faiss index's code
+array (plain reads, one buffer) and merges each block's top-k.
 """
 
 from __future__ import annotations
@@ -50,10 +56,24 @@ def has_faiss() -> bool:
   return importlib.util.find_spec("faiss") is not None
 
 
-def open_for_search(path: str) -> "Index":
-  """An index file as a query process should hold it, ready to search: with faiss, the rows stay
-  on disk (checked block by block) and faiss's codes are the one copy in memory; without it, the
-  rows are read. The search backend is built here, so the first query's time is a search's."""
+MEMORY = ("resident", "stream")
+
+
+def open_for_search(path: str, memory: str = "resident") -> "Index":
+  """An index file as a query process should hold it, ready to search.
+
+  'resident': with faiss, the rows stay on disk (checked block by block) and faiss's codes are
+  the one copy in memory; without it, the rows are read. The search backend is built here, so
+  the first query's time is a search's.
+  'stream': the rows stay on disk and every search reads them again, one block at a time, into
+  one reused buffer: the process holds a block, not the gallery (BENCHMARKS.md: a 100k int8
+  gallery's query process in 65 fewer MiB), and each query pays a pass over the file, from the
+  page cache while the OS keeps it there.
+  """
+  if memory not in MEMORY:
+    raise ValueError(f"unknown index memory mode {memory!r}; known {MEMORY}")
+  if memory == "stream":
+    return dataclasses.replace(Index.load(path, lazy=True), stream=True).prepare()
   return Index.load(path, lazy=has_faiss()).prepare()
 
 
@@ -99,9 +119,26 @@ class RowFile:
   def blocks(self):
     """The rows in consecutive blocks of about BLOCK_BYTES (a pass over the file in bounded
     memory)."""
-    rows = max(1, BLOCK_BYTES // self._row)
+    rows = self.block_rows
     for a in range(0, self.shape[0], rows):
       yield self[a:a + rows]
+
+  @property
+  def block_rows(self) -> int:
+    return max(1, BLOCK_BYTES // self._row)
+
+  def read_into(self, a: int, out: np.ndarray) -> int:
+    """Reads rows a.. into `out`, a reused uint8 buffer [rows, row bytes] (so a pass over the
+    file allocates nothing), as many as fit; returns how many were read."""
+    n = min(len(out), self.shape[0] - a)
+    view = memoryview(out.reshape(-1))[:n * self._row]
+    got = 0
+    while got < len(view):  # pread may return short; loop until the rows are in.
+      r = os.preadv(self._fd, [view[got:]], HEADER_BYTES + a * self._row + got)
+      if r <= 0:
+        raise IndexFileError(f"{self.path}: the file ended at row {a + got // self._row}")
+      got += r
+    return n
 
   def __del__(self):
     if getattr(self, "_fd", None) is not None:
@@ -115,6 +152,7 @@ class Index:
 
   rows: np.ndarray
   scale: float
+  stream: bool = False  # Rows on disk (a RowFile), read per search (`open_for_search`).
 
   @property
   def dtype(self) -> str:
@@ -200,7 +238,10 @@ class Index:
 
   def prepare(self) -> "Index":
     """Builds the search backend now (faiss's index, or numpy's float rows), not at the first
-    query; returns self."""
+    query; returns self. A streamed index builds its block buffer (each search reads the file)."""
+    if self.stream:
+      self._stream_buffer  # noqa: B018  (a cached property, built for its side effect)
+      return self
     if self._faiss is None:
       self._rows_float  # noqa: B018  (a cached property, built for its side effect)
     return self
@@ -211,15 +252,12 @@ class Index:
     fast fp16 or int8 matrix product."""
     return np.asarray(self.rows[0:len(self)]).astype(np.float32)
 
-  @functools.cached_property
-  def _faiss(self):
-    """A faiss index over the stored rows (decoded exactly: int8 row * scale, or fp16), or None
-    without faiss-cpu."""
-    try:
-      import faiss
-    except ImportError:
-      return None
-    n, dim = self.rows.shape
+  def _sq_index(self, n: int):
+    """An empty faiss scalar-quantizer index with room for n rows, decoding our codes exactly
+    (int8 row * scale, or fp16), and a [n, code_size] uint8 view of its codes to fill."""
+    import faiss
+
+    dim = self.rows.shape[1]
     if self.dtype == "fp16":
       ix = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     else:
@@ -230,20 +268,69 @@ class Index:
       faiss.copy_array_to_vector(np.array([-128.5 * self.scale, 255.0 * self.scale], np.float32),
                                  ix.sq.trained)
     ix.is_trained = True
-    # faiss's code array is sized once and filled in place, block by block (int8 codes shifted by
-    # 128): the gallery is never held twice, not even while it is appended. With lazy rows
-    # (`load(lazy=True)`) the blocks come from the file, and faiss's codes are the only copy.
     ix.codes.resize(n * ix.code_size)
-    codes = faiss.rev_swig_ptr(ix.codes.data(), n * ix.code_size).reshape(n, ix.code_size)
+    return ix, faiss.rev_swig_ptr(ix.codes.data(), n * ix.code_size).reshape(n, ix.code_size)
+
+  def _to_codes(self, block: np.ndarray, codes: np.ndarray) -> None:
+    """Stored rows -> faiss codes, in place (int8 shifted by 128; fp16 as is)."""
+    raw = block.view(np.uint8).reshape(len(block), -1)
+    if self.dtype == "fp16":
+      codes[:len(block)] = raw
+    else:
+      np.bitwise_xor(raw, np.uint8(0x80), out=codes[:len(block)])
+
+  @functools.cached_property
+  def _faiss(self):
+    """A faiss index over the stored rows, or None without faiss-cpu."""
+    if not has_faiss():
+      return None
+    # faiss's code array is sized once and filled in place, block by block: the gallery is never
+    # held twice, not even while it is appended. With lazy rows (`load(lazy=True)`) the blocks
+    # come from the file, and faiss's codes are the only copy.
+    n = len(self)
+    ix, codes = self._sq_index(n)
     step = max(1, BLOCK_BYTES // ix.code_size)
     for a in range(0, n, step):
-      block = np.asarray(self.rows[a:a + step]).view(np.uint8).reshape(-1, ix.code_size)
-      if self.dtype == "fp16":
-        codes[a:a + len(block)] = block
-      else:
-        np.bitwise_xor(block, np.uint8(0x80), out=codes[a:a + len(block)])
+      self._to_codes(np.asarray(self.rows[a:a + step]), codes[a:])
     ix.ntotal = n
     return ix
+
+  @functools.cached_property
+  def _stream_buffer(self):
+    """For `stream`: a block-sized faiss index whose code array the file is read into (int8
+    codes are then shifted by 128 in place), or without faiss a uint8 block buffer."""
+    rows = min(self.rows.block_rows, len(self))
+    if has_faiss():
+      return self._sq_index(rows)
+    return None, np.empty((rows, self.rows.shape[1] * self.rows.dtype.itemsize), np.uint8)
+
+  def _search_stream(self, q: np.ndarray, k: int, use_faiss: bool):
+    """Top-k over the rows read from disk block by block into one buffer (`stream`): each
+    block is scored (by the block-sized faiss index, or numpy), and its top-k merged into the
+    running best."""
+    ix, buf = self._stream_buffer
+    if ix is None or not use_faiss:
+      buf = buf if ix is None else np.empty_like(buf)
+      ix = None
+    best_s = np.full((len(q), 0), -np.inf, np.float32)
+    best_i = np.zeros((len(q), 0), np.int64)
+    for a in range(0, len(self), len(buf)):
+      n = self.rows.read_into(a, buf)
+      if ix is not None:
+        if self.dtype == "int8":
+          np.bitwise_xor(buf[:n], np.uint8(0x80), out=buf[:n])
+        ix.ntotal = n
+        s, i = ix.search(q, min(k, n))
+        i = i.astype(np.int64) + a
+      else:
+        block = buf[:n].view(self.rows.dtype).astype(np.float32)
+        i, s = _top_k((q @ block.T) * np.float32(self.scale), k)
+        i += a
+      best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, i], 1)
+      if best_s.shape[1] > k:
+        i, best_s = _top_k(best_s, k)
+        best_i = np.take_along_axis(best_i, i, 1)
+    return best_i, best_s
 
   def search(self, query: np.ndarray, k: int = 10, use_faiss: bool = True,
              rerank: Index | None = None, candidates: int = 100) -> tuple[np.ndarray, np.ndarray]:
@@ -264,11 +351,18 @@ class Index:
       order = np.argsort(-s, axis=1, kind="stable")[:, :min(k, len(self))]
       return np.take_along_axis(cand, order, 1), np.take_along_axis(s, order, 1)
     k = min(k, len(self))
+    if self.stream:
+      return self._search_stream(q, k, use_faiss)
     if use_faiss and self._faiss is not None:
       scores, idx = self._faiss.search(q, k)
       return idx.astype(np.int64), scores
-    s = self.scores(q)
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
-    idx = np.take_along_axis(top, order, 1)
-    return idx, np.take_along_axis(s, idx, 1)
+    return _top_k(self.scores(q), k)
+
+
+def _top_k(s: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The k best of each row of scores s [Q, N]: (indices, scores), best first."""
+  k = min(k, s.shape[1])
+  top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+  order = np.argsort(-np.take_along_axis(s, top, 1), axis=1, kind="stable")
+  idx = np.take_along_axis(top, order, 1)
+  return idx, np.take_along_axis(s, idx, 1)

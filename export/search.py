@@ -24,7 +24,8 @@ from mcad_jax import fileio
 class Searcher:
   """A workdir's exported text encoder and gallery index, ready for queries."""
 
-  def __init__(self, workdir: str, fmt: str = "int8", index_dtype: str = "int8", num_threads: int = 1):
+  def __init__(self, workdir: str, fmt: str = "int8", index_dtype: str = "int8", num_threads: int = 1,
+               memory: str = "resident"):
     from mcad_jax.data import tokenizer as tokenizers
 
     out = os.path.join(workdir, "export")
@@ -36,7 +37,7 @@ class Searcher:
       self.meta = json.load(f)
     self.tokenizer = tokenizers.make(self.meta.get("tokenizer", "wordpiece"), self.meta["text_len"])
     self.encoder = runtime.TFLiteEncoder(os.path.join(out, f"student_text_{fmt}.tflite"), num_threads)
-    self.index = index_lib.open_for_search(os.path.join(out, f"gallery_{index_dtype}.idx"))
+    self.index = index_lib.open_for_search(os.path.join(out, f"gallery_{index_dtype}.idx"), memory)
     if len(self.index) != self.meta["gallery_size"]:
       raise index_lib.IndexFileError(f"index has {len(self.index)} rows, meta.json says "
                                      f"{self.meta['gallery_size']}: re-run the export")
@@ -87,10 +88,13 @@ def main(argv=None) -> int:
   ap.add_argument("--format", default="int8", help="text encoder file: fp32, fp16, dynamic or int8")
   ap.add_argument("--index", default="int8", help="gallery index: int8 or fp16")
   ap.add_argument("--png", help="also write the hits as a PNG grid here")
+  ap.add_argument("--memory", default="resident", choices=index_lib.MEMORY,
+                  help="hold the gallery in memory (resident), or read it from disk at each query "
+                       "(stream: bounded memory, slower queries)")
   args = ap.parse_args(argv)
   query = " ".join(args.query)
   try:
-    s = Searcher(args.workdir, args.format, args.index)
+    s = Searcher(args.workdir, args.format, args.index, memory=args.memory)
   except (FileNotFoundError, runtime.ModelFileError, index_lib.IndexFileError) as e:
     print(f"search: {e}", file=sys.stderr)
     return 2

@@ -227,6 +227,19 @@ def test_index_faiss_and_numpy_paths_agree(tmp_path, dtype, monkeypatch):
   i_l, s_l = lazy.search(q, 10)
   np.testing.assert_array_equal(i_l, i_f)
   np.testing.assert_array_equal(s_l, s_f)
+  # Streamed: the rows are read again at each search, one block at a time into one buffer, and
+  # each block's top-k merged; faiss and numpy, with a re-rank on top, answer the same.
+  streamed = index.open_for_search(str(tmp_path / "g.idx"), "stream")
+  assert streamed.stream and isinstance(streamed.rows, index.RowFile)
+  for use_faiss in (True, False):
+    i_s, s_s = streamed.search(q, 10, use_faiss=use_faiss)
+    np.testing.assert_array_equal(i_s, i_f)
+    np.testing.assert_allclose(s_s, s_f, rtol=1e-4, atol=1e-5)
+  # One block's rows (2400 bytes of them), not the gallery's.
+  assert len(streamed._stream_buffer[1]) == 2400 // ix.rows[0].nbytes < len(e)
+  np.testing.assert_array_equal(streamed.search(q, 5, rerank=lazy)[0], ix.search(q, 5, rerank=lazy)[0])
+  with pytest.raises(ValueError, match="memory mode"):
+    index.open_for_search(str(tmp_path / "g.idx"), "mmap")
 
 
 @pytest.mark.parametrize("damage,match", [

@@ -125,6 +125,12 @@ def test_smoke_pipeline_has_every_stage_and_row(tmp_path, tiny_data):
   assert q.returncode == 0, q.stderr[-2000:]
   hits = [ln for ln in q.stdout.splitlines() if "image #" in ln]
   assert len(hits) == 3
+  # With the gallery streamed from disk (bounded memory), the same hits.
+  qs = subprocess.run([sys.executable, "-m", "export.search", "--workdir", str(w), "-k", "3",
+                       "--memory", "stream", "a red circle"], cwd=ROOT, capture_output=True,
+                      text=True, timeout=120)
+  assert qs.returncode == 0, qs.stderr[-2000:]
+  assert [ln for ln in qs.stdout.splitlines() if "image #" in ln] == hits
   # Export alone on the finished workdir, with other formats: results.json gains its rows.
   e = subprocess.run([sys.executable, "-m", "export", "--workdir", str(w), "--formats", "fp16",
                       "--no-onnx", "--reeval", "fp16"], cwd=ROOT, capture_output=True, text=True,
