@@ -78,7 +78,7 @@ def get_config(arg: str = ""):
   c.distill.hard_columns = True
   # The ground truth over the hard columns (canonical caption vs its twins) on top of each
   # teacher's KL, weighted 2: at 1 the MCAD student learned colour binding but not relations;
-  # at 4 it took relations in but lost 25 RSUM to CLIP-KD; at 2 (1500 steps, 2 seeds) it keeps
+  # at 4 it took relations in but lost 25 RSUM to CLIP-KD; at 2 (1500 steps, 3 seeds) it keeps
   # relations and colour and matches CLIP-KD's RSUM (RESULTS.md, "Does the student inherit
   # it?"). Our addition to the recipes, not the papers'; 0 restores the KL alone.
   c.distill.hard_label_weight = 2.0
