@@ -67,7 +67,7 @@ def open_for_search(path: str, memory: str = "resident") -> "Index":
   the first query's time is a search's.
   'stream': the rows stay on disk and every search reads them again, one block at a time, into
   one reused buffer: the process holds a block, not the gallery (BENCHMARKS.md: a 100k int8
-  gallery's query process in 65 fewer MiB), and each query pays a pass over the file, from the
+  gallery's query process in 47 fewer MiB), and each query pays a pass over the file, from the
   page cache while the OS keeps it there.
   """
   if memory not in MEMORY:
@@ -309,9 +309,8 @@ class Index:
     block is scored (by the block-sized faiss index, or numpy), and its top-k merged into the
     running best."""
     ix, buf = self._stream_buffer
-    if ix is None or not use_faiss:
-      buf = buf if ix is None else np.empty_like(buf)
-      ix = None
+    if ix is not None and not use_faiss:  # numpy asked for: a buffer of its own, not faiss's codes.
+      ix, buf = None, np.empty_like(buf)
     best_s = np.full((len(q), 0), -np.inf, np.float32)
     best_i = np.zeros((len(q), 0), np.int64)
     for a in range(0, len(self), len(buf)):
