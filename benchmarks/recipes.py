@@ -22,6 +22,7 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
+import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -87,6 +88,16 @@ def apply_overrides(dcfg, sets: list[str], root=None) -> str:
   return tag
 
 
+def is_sweep(config, sets: list[str]) -> bool:
+  """Whether `sets` change a distill field of `config`. One that restates the config's own
+  value (runs made before that value became the default, say) is not a sweep: its table is
+  the default's and may be written to RESULTS.md."""
+  dcfg = config.distill.to_dict()
+  changed = ml_collections.ConfigDict(dcfg)
+  apply_overrides(changed, [s for s in sets if s.partition("=")[0].split(".")[0] in dcfg])
+  return changed.to_dict() != dcfg
+
+
 def fmt(xs):
   xs = np.asarray(xs, float)
   return f"{xs.mean():.1f} ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
@@ -105,7 +116,8 @@ def main():
   ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                   help="override a distill field for every run, e.g. mcad.alpha=0.3 or "
                        "\"edges=(('si_st','infonce',1.0),)\" (python literal); runs go to "
-                       "--out/<recipe>_<overrides>_seed<N> and are not written to RESULTS.md")
+                       "--out/<recipe>_<overrides>_seed<N> and are not written to RESULTS.md "
+                       "unless every value is the config's own")
   ap.add_argument("--collect", action="store_true",
                   help="train nothing: tabulate the runs that already finished in --out")
   args = ap.parse_args()
@@ -117,7 +129,8 @@ def main():
   t0 = time.time()
   base = shapes.get_config(args.variant)
   base.stages = ("teacher", "fusion_teacher")
-  sweep = apply_overrides(base.distill, args.set, base)  # Non-empty: distill overrides, a sweep.
+  sweep = is_sweep(base, args.set)
+  apply_overrides(base.distill, args.set, base)
   # Skips what is already finished; the shipped teachers are only evaluated.
   teachers = run(base, os.path.join(args.out, "teachers") if args.teachers == "shipped" else args.teachers)
   rows: dict[str, list[dict]] = {}

@@ -23,3 +23,16 @@ def test_matmul_flops_counts_dots_scans_and_gradients():
   conv = lambda a, b: jax.lax.conv_general_dilated(a, b, (4, 4), "VALID",
                                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   assert matmul_flops(jax.make_jaxpr(conv)(img, k)) == pytest.approx(2 * (2 * 4 * 4 * 8) * 4 * 4 * 3)
+
+
+def test_recipes_set_that_restates_the_default_is_not_a_sweep():
+  from benchmarks.recipes import is_sweep
+  from configs import shapes
+
+  c = shapes.get_config("demo")
+  label = c.distill.hard_label_weight
+  assert not is_sweep(c, [f"hard_label_weight={label}", "data.source=generate"])
+  assert is_sweep(c, [f"hard_label_weight={label + 1}"])
+  assert is_sweep(c, ["mcad.alpha=0.3"])
+  assert not is_sweep(c, [f"mcad.alpha={c.distill.mcad.alpha}"])
+  assert c.distill.hard_label_weight == label  # the config itself is left as it was
