@@ -1,14 +1,22 @@
 """Distillation step time / student-alone step time, online teachers vs the teacher cache.
 
   python benchmarks/distill_overhead.py [--steps 30] [--write]
+  python benchmarks/distill_overhead.py --variant paper_t6 --batch 16 --steps 10 [--write]
 
-Same student, batch and machine, in one run: the demo's student trained alone,
+Same student, batch and machine, in one run: the student trained alone,
 MCAD with the teachers run online inside the step (dual teacher + fusion
 teacher forward), and MCAD reading teacher outputs from the per-example cache
 (host gather included). Teacher weights are random: time does not depend on
-them. The data are shapes/tiny upscaled to the demo's 64 px, so the cache builds
-in seconds; every timed step feeds the same host batch through the same path.
-With --write the table replaces the section between the markers in BENCHMARKS.md.
+them. The data are shapes/tiny upscaled to the student's input size, so the cache
+builds in seconds; every timed step feeds the same host batch through the same path.
+
+`--variant demo` (default) is the demo's student; `paper_t2|t4|t6` the paper-scale
+ViT-S/16 student at 224 px of `configs/shapes.py:paper_*`, distilled from the demo's
+teachers (they read the same 224 px images). With the cache the teachers' size does not
+enter the step, only their embedding width, so the cache row at paper scale is the
+overhead a paper-scale run pays; the online row is for the demo-sized teachers only.
+With --write the table replaces the section between the markers in BENCHMARKS.md
+(`distill_overhead` for the demo, `distill_overhead_paper` for a paper variant).
 """
 
 from __future__ import annotations
@@ -22,10 +30,28 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import argparse  # noqa: E402
 import platform  # noqa: E402
 import tempfile  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+
+from configs.shapes import PAPER_VARIANTS  # noqa: E402
+
+
+def overhead_config(variant: str, batch: int | None):
+  """The variant's config with random teachers (no shipped weights) on shapes/tiny."""
+  from configs import shapes
+
+  demo = shapes.get_config("demo")
+  config = shapes.paper_config(variant) if variant != "demo" else demo
+  if variant != "demo":  # The paper variants train alone; give them the demo's distill fields.
+    config.teacher, config.fusion_teacher = demo.teacher, demo.fusion_teacher
+    config.distill.hard_columns = demo.distill.hard_columns
+    config.distill.hard_label_weight = demo.distill.hard_label_weight
+  config.teacher.weights = config.fusion_teacher.weights = None
+  config.data.tfds_name = "shapes/tiny"  # Resized to the student's input; the cache builds fast.
+  if batch:
+    config.distill.batch_size = batch
+  return config
 
 
 def make_teachers(config, workdir, mesh):
@@ -39,7 +65,9 @@ def make_teachers(config, workdir, mesh):
     ck.close()
 
 
-def time_stage(config, workdir, mesh, steps):
+def step_fn(config, workdir, mesh):
+  """A no-argument function that runs one training step of the distill stage (host batch
+  assembly, transfer, and the jitted step) and waits for it."""
   from mcad_jax import sharding, stages, train
   from mcad_jax.data import pipeline
 
@@ -53,61 +81,65 @@ def time_stage(config, workdir, mesh, steps):
                                                 accum=1, base_rng=jax.random.key(0)),
                in_shardings=(shard, sharding.batch_sharding(mesh), frozen_sh),
                out_shardings=(shard, sharding.replicated(mesh)), donate_argnums=(0,))
-  host = next(pipeline.train_iterator(config.data, stages.tokenizer(config), scfg.batch_size, 0))
+  host = next(pipeline.train_iterator(config.data, stage.tokenizer or stages.tokenizer(config),
+                                      scfg.batch_size, 0, extra=stage.extra_tokenizers))
 
-  def one(state):
+  box = [state]
+
+  def one():
     b = stage.host_fn(host) if stage.host_fn else host
     b = sharding.to_global({k: b[k] for k in stage.batch_keys}, mesh)
-    return fn(state, b, stage.frozen)
+    box[0], m = fn(box[0], b, stage.frozen)
+    jax.block_until_ready(m)
 
-  for _ in range(3):
-    state, m = one(state)
-  jax.block_until_ready(m)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, m = one(state)
-  jax.block_until_ready(m)
-  return (time.perf_counter() - t) / steps
+  return one
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--steps", type=int, default=30)
+  ap.add_argument("--variant", default="demo", choices=("demo",) + PAPER_VARIANTS)
+  ap.add_argument("--batch", type=int, default=None, help="default: the variant's own")
   ap.add_argument("--write", action="store_true")
   args = ap.parse_args()
 
-  from configs import shapes
+  from benchmarks.report import medians_in_turns
   from mcad_jax import main as mcad_main, sharding
 
   mcad_main.setup_logging()
-  config = shapes.get_config("demo")
-  config.data.tfds_name = "shapes/tiny"  # 64 px after resize; the cache builds fast.
+  config = overhead_config(args.variant, args.batch)
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  rows = []
   with tempfile.TemporaryDirectory() as w:
     config.data.data_dir = ""
     make_teachers(config, w, mesh)
     cases = (("student alone", "student_only", False), ("MCAD, online teachers", "mcad", False),
              ("MCAD, teacher cache", "mcad", True))
+    fns = {}
     for label, recipe, cache in cases:
       config.distill.recipe, config.distill.cache = recipe, cache
-      rows.append((label, time_stage(config, w, mesh, args.steps)))
-  base = rows[0][1]
-  lines = [f"`python benchmarks/distill_overhead.py --steps {args.steps} --write` on "
+      fns[label] = step_fn(config, w, mesh)
+    ms = medians_in_turns(fns, args.steps, warmup=2)
+  base = ms["student alone"]
+  flags = "".join(f" --{k} {v}" for k, v in (("variant", args.variant), ("batch", args.batch))
+                  if v and v != "demo")
+  lines = [f"`python benchmarks/distill_overhead.py{flags} --steps {args.steps} --write` on "
            f"{platform.machine()}, {os.cpu_count()} cores, 1 CPU device, jax {jax.__version__}. "
-           f"Student `{config.distill.model.image}` + `{config.distill.model.text}` text, teachers "
+           f"Student `{config.distill.model.image}` + `{config.distill.model.text}` text at "
+           f"{config.data.image_size} px, teachers "
            f"`{config.teacher.model.image}` + `{config.teacher.model.text}` and a "
            f"{config.fusion_teacher.fusion.depth}-layer `{config.fusion_teacher.fusion.size}` "
-           f"fusion; batch {config.distill.batch_size}.",
+           f"fusion; batch {config.distill.batch_size}; median of {args.steps} steps each, the "
+           "three steps taking turns.",
            "",
            "| step | ms/step | ÷ student alone |",
            "|---|---|---|"]
-  lines += [f"| {label} | {1e3 * t:.1f} | {t / base:.2f} |" for label, t in rows]
+  lines += [f"| {label} | {t:.1f} | {t / base:.2f} |" for label, t in ms.items()]
   print("\n".join(lines))
   if args.write:
     from benchmarks.report import write_section
 
-    write_section("BENCHMARKS.md", "distill_overhead", "Distillation overhead", lines)
+    section = "distill_overhead" if args.variant == "demo" else "distill_overhead_paper"
+    write_section("BENCHMARKS.md", section, "Distillation overhead", lines)
 
 if __name__ == "__main__":
   main()

@@ -36,3 +36,16 @@ def test_recipes_set_that_restates_the_default_is_not_a_sweep():
   assert is_sweep(c, ["mcad.alpha=0.3"])
   assert not is_sweep(c, [f"mcad.alpha={c.distill.mcad.alpha}"])
   assert c.distill.hard_label_weight == label  # the config itself is left as it was
+
+
+def test_distill_overhead_paper_variant_has_random_demo_teachers():
+  from benchmarks.distill_overhead import overhead_config
+  from configs import shapes
+
+  c = overhead_config("paper_t6", 16)
+  demo = shapes.get_config("demo")
+  assert c.teacher.weights is None and c.fusion_teacher.weights is None  # random, not shipped
+  assert c.teacher.model.image == demo.teacher.model.image
+  assert (c.data.image_size, c.distill.batch_size, c.distill.model.text) == (224, 16, "S")
+  assert c.distill.model.text_kw["depth"] == 6
+  assert c.distill.hard_columns == demo.distill.hard_columns
