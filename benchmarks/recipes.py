@@ -150,6 +150,7 @@ def main():
            "seconds": res["stages"]["distill"]["seconds"]})
       print(name, seed, json.dumps(rows[name][-1]), flush=True)
   minutes = (time.time() - t0) / 60
+  train_min = sum(r["seconds"] for rs in rows.values() for r in rs) / 60  # --collect: their runs'
 
   steps = args.steps or base.distill.steps
   import jax
@@ -159,8 +160,9 @@ def main():
            f"{''.join(' --set ' + x for x in args.set)} --write`"
            f": student `{base.distill.model.image}` + `{base.distill.model.text}` text, "
            f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
-           f"mean ± std over {len(args.seeds)} seeds; {minutes:.0f} min on "
-           f"{jax.devices()[0].device_kind}.",
+           f"mean ± std over {len(args.seeds)} seeds; the students trained for {train_min:.0f} "
+           f"min in all on {jax.devices()[0].device_kind}"
+           f"{'' if args.collect else f' ({minutes:.0f} min for this command)'}.",
            "",
            "| model | " + " | ".join(COLS) + " | hn relation | hn colour |",
            "|---" * (len(COLS) + 3) + "|"]
