@@ -41,12 +41,13 @@ def overhead_config(variant: str, batch: int | None):
   """The variant's config with random teachers (no shipped weights) on shapes/tiny."""
   from configs import shapes
 
-  demo = shapes.get_config("demo")
-  config = shapes.paper_config(variant) if variant != "demo" else demo
-  if variant != "demo":  # The paper variants train alone; give them the demo's distill fields.
-    config.teacher, config.fusion_teacher = demo.teacher, demo.fusion_teacher
-    config.distill.hard_columns = demo.distill.hard_columns
-    config.distill.hard_label_weight = demo.distill.hard_label_weight
+  config = shapes.get_config("demo")
+  if variant != "demo":  # Built on the demo config, so its teachers are the demo's; its student
+    # trains alone, without the hard columns the demo's distillation carries. Give it those.
+    demo_distill = config.distill
+    config = shapes.paper_config(variant)
+    config.distill.hard_columns = demo_distill.hard_columns
+    config.distill.hard_label_weight = demo_distill.hard_label_weight
   config.teacher.weights = config.fusion_teacher.weights = None
   config.data.tfds_name = "shapes/tiny"  # Resized to the student's input; the cache builds fast.
   if batch:

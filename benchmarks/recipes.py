@@ -19,10 +19,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -92,10 +92,9 @@ def is_sweep(config, sets: list[str]) -> bool:
   """Whether `sets` change a distill field of `config`. One that restates the config's own
   value (runs made before that value became the default, say) is not a sweep: its table is
   the default's and may be written to RESULTS.md."""
-  dcfg = config.distill.to_dict()
-  changed = ml_collections.ConfigDict(dcfg)
-  apply_overrides(changed, [s for s in sets if s.partition("=")[0].split(".")[0] in dcfg])
-  return changed.to_dict() != dcfg
+  trial = copy.deepcopy(config)
+  apply_overrides(trial.distill, sets, trial)
+  return trial.distill.to_dict() != config.distill.to_dict()
 
 
 def fmt(xs):
@@ -150,7 +149,8 @@ def main():
            "seconds": res["stages"]["distill"]["seconds"]})
       print(name, seed, json.dumps(rows[name][-1]), flush=True)
   minutes = (time.time() - t0) / 60
-  train_min = sum(r["seconds"] for rs in rows.values() for r in rs) / 60  # --collect: their runs'
+  # The students' own training time, read from their runs (so also right for --collect).
+  train_min = sum(r["seconds"] for rs in rows.values() for r in rs) / 60
 
   steps = args.steps or base.distill.steps
   import jax
