@@ -112,6 +112,7 @@ def main():
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
   with tempfile.TemporaryDirectory() as w:
     config.data.data_dir = ""
+    config.distill.cache_dir = os.path.join(w, "teacher_cache")  # Random teachers: not the user's.
     make_teachers(config, w, mesh)
     cases = (("student alone", "student_only", False), ("MCAD, online teachers", "mcad", False),
              ("MCAD, teacher cache", "mcad", True))

@@ -124,6 +124,7 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
   c.kl_temperature = 0.0    # 0 = the dual teacher's learned temperature
   c.kl_tau_squared = False  # Hinton's tau^2 factor on KL terms (vanishes at small tau)
   c.cache = False           # read teacher outputs from the per-example cache
+  c.cache_dir = ""          # where it lives; '' = beside the dataset, <data_dir>/mcad_teacher_cache
   # Hard columns (shapes): each image's canonical caption and its relation / attribute twins,
   # scored by the recipe's teacher (MCAD: + itm_weight * the fusion ITM logit) and distilled
   # by KL over those columns; with no teacher (student_only) they are hard negatives.

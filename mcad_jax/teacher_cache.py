@@ -39,10 +39,12 @@ def fingerprint(config, frozen, hard: bool = False, tokenizer_names=()) -> str:
   return h.hexdigest()[:16]
 
 
-def cache_root(config) -> str:
-  base = config.data.data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser(
-      "~/tensorflow_datasets")
-  return os.path.join(base, "mcad_teacher_cache", config.data.tfds_name.replace("/", "_"))
+def cache_root(config, cache_dir: str = "") -> str:
+  """`cache_dir` (the stage's `cache_dir`), or `mcad_teacher_cache` in the dataset's data dir."""
+  base = cache_dir or os.path.join(
+      config.data.data_dir or os.environ.get("TFDS_DATA_DIR")
+      or os.path.expanduser("~/tensorflow_datasets"), "mcad_teacher_cache")
+  return os.path.join(base, config.data.tfds_name.replace("/", "_"))
 
 
 class TeacherCache:
@@ -66,7 +68,7 @@ class TeacherCache:
     return out
 
   @classmethod
-  def build(cls, config, frozen, fwd, mesh, hard: bool = False) -> TeacherCache:
+  def build(cls, config, frozen, fwd, mesh, hard: bool = False, cache_dir: str = "") -> TeacherCache:
     """Loads the cache for these teachers, computing it first if it is missing.
 
     With `hard`, it also holds each example's hard captions' teacher outputs
@@ -75,7 +77,7 @@ class TeacherCache:
     if config.data.augment:
       raise ValueError("the teacher cache needs deterministic preprocessing: set data.augment=False")
     names = [t.name for t in fwd.tokenizers.values() if t]
-    directory = os.path.join(cache_root(config), fingerprint(config, frozen, hard, names))
+    directory = os.path.join(cache_root(config, cache_dir), fingerprint(config, frozen, hard, names))
     if os.path.exists(os.path.join(directory, "meta.json")):
       log.info("Teacher cache: %s", directory)
       return cls(directory)

@@ -243,3 +243,13 @@ def test_each_teacher_reads_its_own_tokenizer(tiny_data, tmp_path):
   _, _, cached, _, stage = _steps(config, "distill", tmp_path, n=1)
   assert "text@clip12" not in stage.batch_keys
   np.testing.assert_allclose(cached, online, rtol=2e-5)
+
+
+def test_teacher_cache_lives_beside_the_dataset_unless_the_stage_names_a_dir(tmp_path):
+  from mcad_jax import teacher_cache
+
+  config = shapes.get_config("smoke")
+  config.data.data_dir = str(tmp_path / "tfds")
+  name = config.data.tfds_name.replace("/", "_")
+  assert teacher_cache.cache_root(config) == str(tmp_path / "tfds" / "mcad_teacher_cache" / name)
+  assert teacher_cache.cache_root(config, str(tmp_path / "c")) == str(tmp_path / "c" / name)

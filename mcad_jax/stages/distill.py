@@ -32,7 +32,8 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
   hard = bool(dcfg.hard_columns)
   cache = None
   if frozen is not None and dcfg.cache:
-    cache = teacher_cache.TeacherCache.build(config, frozen, fwd, mesh, hard=hard)
+    cache = teacher_cache.TeacherCache.build(config, frozen, fwd, mesh, hard=hard,
+                                             cache_dir=dcfg.cache_dir)
 
   def init(rng):
     r1, r2 = jax.random.split(rng)
