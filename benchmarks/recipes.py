@@ -29,6 +29,7 @@ COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # Rows: (name, recipe, distill overrides). Every distilling recipe gets the same hard columns
 # (each image's canonical caption and its twins, scored by its own teacher); the student
 # alone is shown without them and with them as hard negatives (NegCLIP-style).
+OUT = "workdirs/recipes"
 ROWS = (("student_only", "student_only", {"hard_columns": False}),
         ("student_only+twins", "student_only", {}),
         ("clip_kd", "clip_kd", {}), ("tinyclip", "tinyclip", {}), ("conaclip", "conaclip", {}),
@@ -97,6 +98,18 @@ def is_sweep(config, sets: list[str]) -> bool:
   return trial.distill.to_dict() != config.distill.to_dict()
 
 
+def command_line(args, sweep: bool) -> str:
+  """The command that reproduces this table: the rows and --out it ran with, and --write only
+  when the table may be written (a sweep's is printed, not written)."""
+  flags = [f"--teachers {args.teachers}", "--seeds " + " ".join(map(str, args.seeds))]
+  flags += [f"--steps {args.steps}"] if args.steps else []
+  flags += ["--recipes " + " ".join(args.recipes)] if args.recipes else []
+  flags += [f"--set {x}" for x in args.set]
+  flags += [f"--out {args.out}"] if args.out != OUT else []
+  flags += [] if sweep else ["--write"]
+  return "python benchmarks/recipes.py " + " ".join(flags)
+
+
 def fmt(xs):
   xs = np.asarray(xs, float)
   return f"{xs.mean():.1f} ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
@@ -107,7 +120,7 @@ def main():
   ap.add_argument("--teachers", default="shipped",
                   help="'shipped' (mcad_jax/weights/shapes) or a configs/shapes.py workdir")
   ap.add_argument("--variant", default="demo")
-  ap.add_argument("--out", default="workdirs/recipes")
+  ap.add_argument("--out", default=OUT)
   ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   ap.add_argument("--steps", type=int, default=None)
   ap.add_argument("--recipes", nargs="+", default=None, help=f"rows to run: {[r[0] for r in ROWS]}")
@@ -155,10 +168,8 @@ def main():
   steps = args.steps or base.distill.steps
   import jax
 
-  lines = [f"`python benchmarks/recipes.py --teachers {args.teachers} --seeds "
-           f"{' '.join(map(str, args.seeds))}{f' --steps {args.steps}' if args.steps else ''}"
-           f"{''.join(' --set ' + x for x in args.set)} --write`"
-           f": student `{base.distill.model.image}` + `{base.distill.model.text}` text, "
+  lines = [f"`{command_line(args, sweep)}`: student `{base.distill.model.image}` + "
+           f"`{base.distill.model.text}` text, "
            f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
            f"mean ± std over {len(args.seeds)} seeds; the students trained for {train_min:.0f} "
            f"min in all on {jax.devices()[0].device_kind}"
@@ -177,7 +188,10 @@ def main():
                  + f" | {fmt([r.get('hn_relation', np.nan) for r in rs])}"
                  f" | {fmt([r.get('hn_attribute', np.nan) for r in rs])} |")
   print("\n".join(lines))
-  if args.write and not sweep:
+  if args.write and sweep:
+    print("recipes.py: not written to RESULTS.md: a --set changes a distill field of the "
+          "config, so this table is a sweep's; its command is in the header above.", file=sys.stderr)
+  elif args.write:
     from benchmarks.report import write_section
 
     write_section("RESULTS.md", "recipes", "Recipes on `shapes`", lines)

@@ -38,6 +38,20 @@ def test_recipes_set_that_restates_the_default_is_not_a_sweep():
   assert c.distill.hard_label_weight == label  # the config itself is left as it was
 
 
+def test_recipes_header_gives_the_command_that_reproduces_the_table():
+  import argparse
+
+  from benchmarks.recipes import OUT, command_line
+
+  args = argparse.Namespace(teachers="shipped", seeds=[0, 1], steps=1500, recipes=["mcad"],
+                            set=["model.embed_dim=128"], out="workdirs/wide")
+  line = command_line(args, sweep=True)
+  assert line == ("python benchmarks/recipes.py --teachers shipped --seeds 0 1 --steps 1500 "
+                  "--recipes mcad --set model.embed_dim=128 --out workdirs/wide")
+  args.recipes, args.set, args.out = None, [], OUT
+  assert command_line(args, sweep=False).endswith("--seeds 0 1 --steps 1500 --write")
+
+
 def test_distill_overhead_paper_variant_has_random_demo_teachers():
   from benchmarks.distill_overhead import overhead_config
   from configs import shapes
