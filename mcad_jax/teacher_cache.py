@@ -41,7 +41,7 @@ def fingerprint(config, frozen, hard: bool = False, tokenizer_names=()) -> str:
 
 def cache_root(config, cache_dir: str = "") -> str:
   """`cache_dir` (the stage's `cache_dir`), or `mcad_teacher_cache` in the dataset's data dir."""
-  base = cache_dir or os.path.join(
+  base = os.path.expanduser(cache_dir) if cache_dir else os.path.join(
       config.data.data_dir or os.environ.get("TFDS_DATA_DIR")
       or os.path.expanduser("~/tensorflow_datasets"), "mcad_teacher_cache")
   return os.path.join(base, config.data.tfds_name.replace("/", "_"))

@@ -201,10 +201,12 @@ def test_fusion_stage_keeps_frozen_towers(teacher_workdir):
 @pytest.mark.slow  # ~2 min; `make test-slow` (CI runs it)
 def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_path):
   config = shapes.get_config("smoke")
-  config.data.data_dir = ""  # The cache goes next to the dataset (TFDS_DATA_DIR here).
+  config.data.data_dir = ""
   _, _, online, _, _ = _steps(config, "distill", teacher_workdir, n=3)
-  config.distill.cache = True
+  # In the stage's own cache_dir (beside the dataset by default: test_faults' cache kills).
+  config.distill.cache, config.distill.cache_dir = True, str(tmp_path / "cache")
   _, end, cached, _, stage = _steps(config, "distill", teacher_workdir, n=3)
+  assert list((tmp_path / "cache").glob("*/*/meta.json"))
   # The hard columns' teacher outputs (twins' embeddings and ITM logits) come from the cache too.
   assert stage.host_fn is not None
   assert {"teacher_f", "teacher_hard_t", "teacher_hard_itm"} <= set(stage.batch_keys)
