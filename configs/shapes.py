@@ -40,7 +40,11 @@ def get_config(arg: str = ""):
     teacher = cl.model_config("nano/16", "mu", 128)
     # The student reads where things are linearly (ViT and text 'moments' pooling:
     # RESULTS.md, "Binding"); ln_pre (as in CLIP) keeps its int8 image encoder close to float.
-    student = cl.model_config("mu/16", "mu", 64, pool="moments", image_kw={"ln_pre": True},
+    # 128-d embeddings: at 1500 steps (3 seeds) MCAD is no worse than at 64-d (means a little
+    # higher, inside the seed spread) and meets issue 11's targets against the same student
+    # trained alone, which is weaker at 128-d than at 64 (RESULTS.md, "Does the student inherit
+    # it?"). A phone stores 128 bytes per int8 gallery image.
+    student = cl.model_config("mu/16", "mu", 128, pool="moments", image_kw={"ln_pre": True},
                               text_kw={"pool": "moments"})
     # The student's 800 steps keep `make demo` under 15 minutes: with the hard columns (three
     # more captions per image, each scored by both teachers) a step costs ~2.5x a plain one.
