@@ -203,7 +203,7 @@ def test_cached_and_online_teachers_give_the_same_losses(teacher_workdir, tmp_pa
   config = shapes.get_config("smoke")
   config.data.data_dir = ""
   _, _, online, _, _ = _steps(config, "distill", teacher_workdir, n=3)
-  # In the stage's own cache_dir (beside the dataset by default: test_faults' cache kills).
+  # In the stage's own cache_dir; test_faults covers the default one, beside the dataset.
   config.distill.cache, config.distill.cache_dir = True, str(tmp_path / "cache")
   _, end, cached, _, stage = _steps(config, "distill", teacher_workdir, n=3)
   assert list((tmp_path / "cache").glob("*/*/meta.json"))
