@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
+import platform  # noqa: E402
 import time  # noqa: E402
 
 from benchmarks import report, train_step  # noqa: E402
@@ -84,8 +85,10 @@ def main():
       config.distill.hard_columns = False     # and no hard columns: the fastest step to feed.
     steps[name] = train_step.step_throughput(config, name, args.steps)["examples_per_s"]
   fastest = max(steps.values())
-  body = [f"{len(texts)} demo training captions (`shapes`, WordPiece length {L}, CLIP 77); one "
-          "process, best of 3. Train steps: `configs/shapes.py:demo` on one CPU device, fixed batch.",
+  body = [f"`python benchmarks/tokenizer.py --captions={args.captions} --steps={args.steps} --write` "
+          f"on {platform.machine()}, {os.cpu_count()} cores: {len(texts)} demo training captions "
+          f"(`shapes`, WordPiece length {L}, CLIP 77); one process, best of 3. Train steps: "
+          "`configs/shapes.py:demo` on one CPU device, fixed batch.",
           "", "| what | captions/s or examples/s | ÷ fastest train step |", "|---|---|---|"]
   body += [f"| {k} | {v:,.0f} | {v / fastest:.1f} |" for k, v in rows]
   body += [f"| train step: demo {k} ({'student alone' if k == 'distill' else 'dual teacher'}) | "
