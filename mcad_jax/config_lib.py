@@ -104,6 +104,8 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       negatives=2,           # softmax loss: mined negatives per query (and extra twin-softmax columns)
       twin_weight=1.0,       # softmax loss: weight of the twin term (canonical caption vs its twins)
       curriculum=(),         # (until_step, max_objects, 'relation,attribute') phases; mcad_jax/curriculum.py
+      grounding_weight=0.0,  # softmax loss on shapes: X-VLM-style grounding, the canonical caption's
+                             # fused feature predicts its two objects' grid cells (our reading; 0 = off)
       itc_weight=1.0,        # InfoNCE on the towers when they are trained
       twin_negatives=True,   # relation/attribute twins as extra ITM negatives (needs data.hard_negatives)
       rerank_k=10,           # eval: re-rank each query's top-k dual candidates with ITM
@@ -401,6 +403,7 @@ def _validate_fusion(config, name, s) -> None:
   for k in ("itc_weight", "rerank_dual_weight"):
     _in(f[k], f"{name}.fusion.{k}", 0)
   from mcad_jax import curriculum
+  from mcad_jax.data import scenes
   from mcad_jax.models import fusion
 
   _need(f.context in fusion.CONTEXTS, f"{name}.fusion.context",
@@ -419,6 +422,15 @@ def _validate_fusion(config, name, s) -> None:
   if f.curriculum:
     _need(config.data.get("hard_negatives", False), f"{name}.fusion.curriculum",
           "a curriculum needs data.hard_negatives (shapes' object counts and twins)")
+  _in(f.get("grounding_weight", 0.0), f"{name}.fusion.grounding_weight", 0)
+  if f.get("grounding_weight", 0.0) > 0:
+    _need(f.loss == "softmax" and f.twin_negatives and config.data.get("hard_negatives", False),
+          f"{name}.fusion.grounding_weight", "grounding reads the canonical caption's pair: it needs "
+          "fusion.loss='softmax', fusion.twin_negatives and data.hard_negatives (shapes)")
+    try:
+      scenes.grid_cells(config.data.tfds_name)
+    except ValueError as e:
+      raise ConfigError(f"{name}.fusion.grounding_weight", str(e)) from None
   if f.towers_from:
     _stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
     _need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",

@@ -148,3 +148,26 @@ def kl_candidates(teacher_logits: jax.Array, student_logits: jax.Array, valid: j
   if weights is not None:
     w = w * weights.astype(jnp.float32)
   return jnp.sum(per * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def grounding_xent(logits: jax.Array, cells: jax.Array, weights: jax.Array | None = None) -> jax.Array:
+  """Cross-entropy of the grid cell of each object a caption names (X-VLM-style grounding).
+
+  X-VLM predicts each phrase's box from the fused [CLS] feature of (image, phrase); on
+  `shapes` every object sits in a grid cell, so the box becomes a cell and the loss a
+  softmax over cells. Our reading of X-VLM, not its code.
+
+  Args:
+    logits: [N, K, C] scores over C cells for the K objects each caption names, in order.
+    cells: [N, K] int cell of each named object; -1 where the caption names fewer.
+    weights: [N] row weights (default 1).
+  Returns:
+    Scalar: weighted mean over counted (row, object) pairs of -log softmax(logits)[cell].
+  """
+  cells = cells.astype(jnp.int32)
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  picked = jnp.take_along_axis(logp, jnp.maximum(cells, 0)[..., None], axis=-1)[..., 0]
+  w = (cells >= 0).astype(jnp.float32)
+  if weights is not None:
+    w = w * weights.astype(jnp.float32)[:, None]
+  return -jnp.sum(picked * w) / jnp.maximum(jnp.sum(w), 1.0)

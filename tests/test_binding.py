@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcad_jax import curriculum, distill, losses
+from mcad_jax import config_lib, curriculum, distill, losses
 from mcad_jax.models.fusion import ConvStem, FusionTeacher
 from mcad_jax.models.text import TextTransformer
 from mcad_jax.models.vit import ViT
@@ -56,6 +56,27 @@ def test_kl_candidates_matches_numpy_and_vanishes_at_equality():
     n += 1
   np.testing.assert_allclose(float(losses.kl_candidates(t, s, valid)), want / n, rtol=1e-5)
   assert float(losses.kl_candidates(t, t, valid)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_grounding_xent_matches_numpy():
+  rng = np.random.default_rng(3)
+  logits = rng.normal(size=(4, 2, 16)).astype(np.float32) * 2
+  cells = np.array([[3, 12], [0, -1], [-1, -1], [15, 5]], np.int32)
+  weights = np.array([1.0, 1.0, 1.0, 0.5], np.float32)
+  num, den = 0.0, 0.0
+  for i in range(4):
+    for j in range(2):
+      if cells[i, j] >= 0:
+        num -= weights[i] * _log_softmax(logits[i, j])[cells[i, j]]
+        den += weights[i]
+  got = losses.grounding_xent(jnp.asarray(logits), jnp.asarray(cells), jnp.asarray(weights))
+  np.testing.assert_allclose(float(got), num / den, rtol=1e-5)
+  # Scores that point at the right cells lower it; a batch with no named objects costs 0.
+  better = logits.copy()
+  for i, j in ((0, 0), (0, 1), (1, 0), (3, 0), (3, 1)):
+    better[i, j, cells[i, j]] += 5
+  assert float(losses.grounding_xent(better, cells, weights)) < float(got)
+  assert float(losses.grounding_xent(logits, np.full((4, 2), -1), weights)) == 0.0
 
 
 def test_gumbel_top_k_draws_distinct_off_diagonal_columns():
@@ -152,3 +173,23 @@ def test_fusion_teacher_conv_and_embed_sources():
   assert aux["img"]["ctx"].shape == (2, 4, 16)
   # Word embeddings + positions: swapping two words changes the match logit.
   assert abs(float(itm[0]) - float(itm[1])) > 1e-6
+  assert "ground_head" not in params and "ground" not in aux
+  grounded = FusionTeacher(dual=dual, fusion=dict(width=16, depth=1, heads=2, mlp_dim=32),
+                           context="conv", text_source="embed", grounding_cells=4)
+  gp = grounded.init(jax.random.key(0), img, ids)["params"]
+  assert gp["ground_head"]["kernel"].shape == (16, 8)
+  scores = grounded.apply({"params": gp}, f, method=grounded.ground)
+  assert scores.shape == (2, 2, 4)
+
+
+def test_grounding_config_is_checked():
+  config = config_lib.load_file("configs/shapes.py:smoke")
+  config.fusion_teacher.fusion.grounding_weight = 1.0
+  config_lib.validate(config)                       # softmax loss on shapes: fine
+  config.fusion_teacher.fusion.loss = "itm"
+  with pytest.raises(config_lib.ConfigError, match="fusion_teacher.fusion.grounding_weight.*softmax"):
+    config_lib.validate(config)
+  config.fusion_teacher.fusion.loss = "softmax"
+  config.data.tfds_name = "coco_captions"
+  with pytest.raises(config_lib.ConfigError, match="grounding_weight.*not a shapes dataset"):
+    config_lib.validate(config)

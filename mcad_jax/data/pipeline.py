@@ -284,6 +284,8 @@ class TrainPreprocess:
         self._tokenize(f"hn_{k}", s, out)
         out[f"hn_{k}_valid"] = np.bool_(bool(s))
       out["num_objects"] = np.int32(ex["num_objects"])
+      if "hn_cells" in ex:  # The named objects' grid cells, for a grounding loss.
+        out["hn_cells"] = np.asarray(ex["hn_cells"], np.int32)
     return out
 
 

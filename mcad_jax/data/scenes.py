@@ -131,6 +131,16 @@ VARIANTS = {
 }
 
 
+def grid_cells(tfds_name: str) -> int:
+  """Cells of the object grid of dataset `shapes/<variant>` (the cells `hn_cells` index)."""
+  base, _, rest = tfds_name.partition("/")
+  variant = rest.split(":")[0] or "default"
+  if base != "shapes" or variant not in VARIANTS:
+    raise ValueError(f"{tfds_name!r} is not a shapes dataset with a known grid; known: "
+                     f"{['shapes/' + v for v in VARIANTS]}")
+  return VARIANTS[variant].spec.grid ** 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Obj:
   shape: str

@@ -16,6 +16,10 @@ teacher can learn binding ("which colour is where"; DESIGN §6.3):
   the tower's (frozen) word embeddings plus the fusion teacher's own positions,
   so the fusion layers see word order directly (as BLIP's fusion starts from
   word embeddings).
+
+With `grounding_cells` > 0 a grounding head reads the fused feature f and scores,
+for each of the two objects a caption names, which grid cell it sits in
+(X-VLM-style dense supervision: `losses.grounding_xent`).
 """
 
 from __future__ import annotations
@@ -96,12 +100,14 @@ class FusionTeacher(nn.Module):
       'conv' (this model's own CoordConv stem, `ConvStem`).
     text_source: 'tower' (the text tower's output tokens) or 'embed' (its word
       embeddings plus this model's own position embeddings).
+    grounding_cells: grid cells the grounding head scores (0 = no head).
   """
 
   dual: dict[str, Any]
   fusion: dict[str, Any]
   context: str = "tokens"
   text_source: str = "tower"
+  grounding_cells: int = 0
 
   def setup(self):
     self.towers = TwoTower(**self.dual, name="dual")
@@ -114,6 +120,9 @@ class FusionTeacher(nn.Module):
     if self.text_source == "embed":
       self.txt_pos = self.param("txt_pos_embedding", layers.embed_init,
                                 (1, self.dual["text"]["max_len"], self.fusion["width"]))
+    if self.grounding_cells:
+      self.ground_head = nn.Dense(GROUNDED_OBJECTS * self.grounding_cells,
+                                  kernel_init=layers.dense_init, name="ground_head")
 
   def context_tokens(self, images, img_aux):
     """The image tokens the fusion layers read, given the image tower's aux outputs."""
@@ -155,13 +164,21 @@ class FusionTeacher(nn.Module):
     """Fused feature and ITM logit for row-aligned (image, text) pairs."""
     return self.fuse(txt_tokens, txt_mask, img_tokens)
 
+  def ground(self, f):
+    """[B, GROUNDED_OBJECTS, grounding_cells] cell scores of the objects a caption names."""
+    return self.ground_head(f).reshape(f.shape[0], GROUNDED_OBJECTS, self.grounding_cells)
+
   def __call__(self, images, ids):
     zimg, ztxt, aux = self.unimodal(images, ids)
     f, itm = self.pair(aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"])
+    if self.grounding_cells:  # So that init creates the head's parameters.
+      aux["ground"] = self.ground(f)
     return f, itm, {"zimg": zimg, "ztxt": ztxt, **aux}
 
 
 CONTEXTS = ("tokens", "patches", "both", "conv")
+# The canonical caption of a `shapes` scene names two objects (data/scenes.py, hard_negatives).
+GROUNDED_OBJECTS = 2
 TEXT_SOURCES = ("tower", "embed")
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mcad_jax import curriculum, evaluate, losses
-from mcad_jax.data import pipeline
+from mcad_jax.data import pipeline, scenes
 from mcad_jax.models import two_tower
 from mcad_jax.models.fusion import FusionTeacher
 from mcad_jax.stages import common
@@ -36,7 +36,15 @@ def fusion_model(config, scfg) -> FusionTeacher:
   dual_kw = {f.name: getattr(tower, f.name) for f in dataclasses.fields(tower)
              if f.name not in ("parent", "name")}
   return FusionTeacher(dual=dual_kw, fusion={**fk, "dtype": tower.dtype},
-                       context=scfg.fusion.context, text_source=scfg.fusion.get("text_source", "tower"))
+                       context=scfg.fusion.context, text_source=scfg.fusion.get("text_source", "tower"),
+                       grounding_cells=grounding_cells(config, scfg))
+
+
+def grounding_cells(config, scfg) -> int:
+  """Grid cells the grounding head scores: the `shapes` grid's, when the loss is on; else 0."""
+  if scfg.fusion.get("grounding_weight", 0.0) <= 0:
+    return 0
+  return scenes.grid_cells(config.data.tfds_name)
 
 
 def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
@@ -44,6 +52,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
   fcfg = scfg.fusion
   img, txt = dummy_batch(config, model_cfg=scfg.model)
   use_twins = bool(config.data.get("hard_negatives", False)) and fcfg.twin_negatives
+  ground_w = fcfg.get("grounding_weight", 0.0)  # config_lib checks it goes with twins and softmax
 
   def init(rng):
     return model.init(rng, img, txt)["params"]
@@ -65,18 +74,19 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     if fcfg.freeze_towers:
       p["dual"] = jax.lax.stop_gradient(p["dual"])
     zimg, ztxt, aux = model.apply({"params": p}, batch["image"], batch["text"], method=model.unimodal)
-    pair = lambda it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)[1]
+    pair = lambda it, tt, tm: model.apply({"params": p}, it, tt, tm, method=model.pair)
     twin_tokens = None
     if use_twins:  # One text-tower pass for the canonical caption and both twins.
       ids = jnp.concatenate([batch["hn_true"], batch["hn_relation"], batch["hn_attribute"]])
       _, taux = model.apply({"params": p}, ids, method=model.encode_text)
       twin_tokens = (taux["tokens"], taux["mask"])
-    return zimg, ztxt, aux, pair, twin_tokens
+    return zimg, ztxt, aux, pair, twin_tokens, p
 
   def itm_loss(params, batch, rng, frozen, step=None):
     """ALBEF's ITM: independent BCE on positives, mined negatives and twins."""
     del frozen, step
-    zimg, ztxt, aux, pair, twin_tokens = towers(params, batch)
+    zimg, ztxt, aux, fused, twin_tokens, _ = towers(params, batch)
+    pair = lambda *a: fused(*a)[1]
     itok, ttok, tmask = aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"]
     sim = jax.lax.stop_gradient(aux["logit_scale"] * zimg @ ztxt.T)
     r1, r2 = jax.random.split(rng)
@@ -116,9 +126,11 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     and, on `shapes`, image -> [its canonical caption, relation twin, attribute twin,
     k mined canonical captions of other images], so the twins' scores compete directly.
     Every (image, text) pair of the step goes through the fusion layers in one call.
+    With `fusion.grounding_weight` > 0, the fused feature of each image with its canonical
+    caption also predicts the grid cells of the two objects it names (X-VLM-style).
     """
     del frozen
-    zimg, ztxt, aux, pair, twin_tokens = towers(params, batch)
+    zimg, ztxt, aux, pair, twin_tokens, p = towers(params, batch)
     itok, ttok, tmask = aux["img"]["ctx"], aux["txt"]["tokens"], aux["txt"]["mask"]
     b, k = zimg.shape[0], fcfg.negatives
     sim = jax.lax.stop_gradient(aux["logit_scale"] * zimg @ ztxt.T)
@@ -142,7 +154,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     sizes = [x.shape[1] for x in img_idx]
     ii = jnp.concatenate([x.reshape(-1) for x in img_idx])
     tt = jnp.concatenate([x.reshape(-1) for x in txt_idx])
-    logits = pair(itok[ii], all_tok[tt], all_mask[tt])
+    fused, logits = pair(itok[ii], all_tok[tt], all_mask[tt])
     parts, off = [], 0
     for n in sizes:
       parts.append(logits[off:off + b * n].reshape(b, n))
@@ -166,6 +178,14 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
         w = (batch[f"hn_{kind}_valid"] & tv).astype(jnp.float32)
         terms[f"twin_acc/{kind}"] = jnp.sum((tw[:, 0] > tw[:, j]) * w) / jnp.maximum(jnp.sum(w), 1.0)
       loss = loss + fcfg.twin_weight * twin
+      if ground_w > 0:  # The canonical caption is column 0 of the twin part (offset below).
+        f_true = fused[b * (1 + 2 * k):].reshape(b, 3 + k, -1)[:, 0]
+        scores = model.apply({"params": p}, f_true, method=model.ground)
+        ground = losses.grounding_xent(scores, batch["hn_cells"], tv.astype(jnp.float32) * weight)
+        hit = (jnp.argmax(scores, -1) == batch["hn_cells"]) & (batch["hn_cells"] >= 0)
+        terms["loss/grounding"] = ground
+        terms["ground_acc"] = jnp.sum(hit) / jnp.maximum(jnp.sum(batch["hn_cells"] >= 0), 1)
+        loss = loss + ground_w * ground
     return loss + itc_term(zimg, ztxt, aux, terms), terms
 
   def itc_term(zimg, ztxt, aux, terms):
@@ -179,7 +199,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
 
   keys = ("image", "text") + (("hn_true", "hn_true_valid", "hn_relation", "hn_relation_valid",
                                "hn_attribute", "hn_attribute_valid", "num_objects")
-                              if use_twins else ())
+                              if use_twins else ()) + (("hn_cells",) if ground_w > 0 else ())
   return Stage(init=init, loss_fn=loss_fn, load_init=load_init, batch_keys=keys,
                tokenizer=tokenizer(config, scfg.model),
                freeze=("^dual/",) if fcfg.freeze_towers else (),
