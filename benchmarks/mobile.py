@@ -38,7 +38,7 @@ import tempfile  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from benchmarks.report import median_ms, medians_in_turns  # noqa: E402
+from benchmarks.report import cpu_words, median_ms, medians_in_turns  # noqa: E402
 
 QUERY = "a large red circle to the left of a small blue square"
 GALLERY = 100_000
@@ -173,7 +173,8 @@ def main():
   lines = [
       f"`python benchmarks/mobile.py --workdir {args.workdir} --reps {args.reps} --threads "
       f"{' '.join(map(str, args.threads))}{'' if args.section == 'mobile' else ' --section ' + args.section}"
-      f" --write` on {platform.machine()}, {os.cpu_count()} cores (x86 CPU, not a phone); median of "
+      f" --write` on {platform.machine()} ({cpu_words()}), {os.cpu_count()} cores (not a "
+      f"phone); median of "
       f"{args.reps} single-example calls (at 1 thread the engines taking turns call by call, at "
       f"more one after another); LiteRT with XNNPACK, ONNX Runtime's CPU provider. Student "
       f"of that workdir: image {s} px, {meta['text_len']} tokens, {emb_dim}-d embeddings. Tokenizing "

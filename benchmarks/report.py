@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: a median timer, and writing a table between markers in a markdown file."""
+"""Shared by the benchmarks: a median timer, the host's CPU in words, and writing a table between
+markers in a markdown file."""
 
 from __future__ import annotations
 
@@ -24,6 +25,22 @@ def write_section(filename: str, name: str, heading: str, body: list[str]) -> st
   with open(path, "w") as f:
     f.write(text)
   return table
+
+
+def cpu_words() -> str:
+  """The CPU's model name and its int8 dot-product extensions (from /proc/cpuinfo), e.g. 'AMD EPYC,
+  AVX-512 VNNI': int8 kernels run several times faster with them, so a table measured on
+  another host is not comparable by time."""
+  try:
+    info = open("/proc/cpuinfo").read()
+  except OSError:
+    return "CPU model unknown"
+  field = lambda key: next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                            if line.startswith(key)), "")
+  flags = set(field("flags").split())
+  ext = [name for flag, name in (("avx512_vnni", "AVX-512 VNNI"), ("avx_vnni", "AVX-VNNI"),
+                                 ("amx_int8", "AMX-INT8")) if flag in flags]
+  return ", ".join([field("model name") or "CPU model unknown"] + (ext or ["no VNNI"]))
 
 
 def median_ms(fn, reps: int, warmup: int = 5) -> float:
