@@ -183,8 +183,14 @@ def test_two_stage_conaclip_freezes_text_tower_first(teacher_workdir):
   assert not np.allclose(s0["img"]["embedding"]["kernel"], s1["img"]["embedding"]["kernel"])
 
 
-def test_fusion_stage_keeps_frozen_towers(teacher_workdir):
+@pytest.mark.parametrize("fusion,terms", [
+    ({}, ("loss/twin_softmax", "twin_acc/relation")),
+    ({"loss": "itm"}, ("loss/itm", "twin_acc/relation")),
+    ({"grounding_weight": 1.0}, ("loss/twin_softmax", "loss/grounding", "ground_acc")),
+])
+def test_fusion_stage_keeps_frozen_towers(teacher_workdir, fusion, terms):
   config = shapes.get_config("smoke")
+  config.fusion_teacher.fusion.update(fusion)
   start, end, losses, m, _ = _steps(config, "fusion_teacher", teacher_workdir, n=3)
   teacher = checkpoint.load_params(str(teacher_workdir / "teacher" / "checkpoints"),
                                    jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -195,7 +201,9 @@ def test_fusion_stage_keeps_frozen_towers(teacher_workdir):
     np.testing.assert_array_equal(a, c)   # ...to the dual teacher's own towers.
   assert not all(np.allclose(a, b) for a, b in zip(jax.tree.leaves(start["fusion"]),
                                                    jax.tree.leaves(end["fusion"]), strict=True))
-  assert "loss/twin_softmax" in m and "twin_acc/relation" in m and all(np.isfinite(losses))
+  assert set(terms) <= set(m) and all(np.isfinite(losses))
+  if "grounding_weight" in fusion:  # The grounding head trains with the fusion layers.
+    assert not np.allclose(start["ground_head"]["kernel"], end["ground_head"]["kernel"])
 
 
 @pytest.mark.slow  # ~2 min; `make test-slow` (CI runs it)
