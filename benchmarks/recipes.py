@@ -171,7 +171,7 @@ def main():
   lines = [f"`{command_line(args, sweep)}`: student `{base.distill.model.image}` + "
            f"`{base.distill.model.text}` text, "
            f"{steps} steps at batch {base.distill.batch_size}, teacher outputs from the cache; "
-           f"mean ± std over {len(args.seeds)} seeds; the students trained for {train_min:.0f} "
+           f"mean ± std over each row's n seeds; the students trained for {train_min:.0f} "
            f"min in all on {jax.devices()[0].device_kind}"
            f"{'' if args.collect else f' ({minutes:.0f} min for this command)'}.",
            "",
