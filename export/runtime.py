@@ -6,38 +6,9 @@ so the search CLI and the latency benchmark run on a lean install.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 
 import numpy as np
-
-
-@contextlib.contextmanager
-def tool_output_to(path: str):
-  """Sends whatever is written to file descriptors 1 and 2 meanwhile to `path` (appended).
-
-  The converter, ai-edge-quantizer's progress bars and LiteRT's "Created XNNPACK delegate"
-  banner write there from C++ and tqdm, below Python's logging: a user of `make demo` should
-  read our progress lines and the table, and find the tools' own output in the workdir.
-  """
-  sys.stdout.flush()
-  sys.stderr.flush()
-  saved = os.dup(1), os.dup(2)
-  try:
-    with open(path, "ab") as f:
-      os.dup2(f.fileno(), 1)
-      os.dup2(f.fileno(), 2)
-      try:
-        yield
-      finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-  finally:
-    os.dup2(saved[0], 1)
-    os.dup2(saved[1], 2)
-    os.close(saved[0])
-    os.close(saved[1])
 
 
 class ModelFileError(ValueError):

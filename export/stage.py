@@ -25,7 +25,7 @@ import jax
 import numpy as np
 
 from export import convert, index, quantize, runtime
-from mcad_jax import fileio
+from mcad_jax import fileio, tool_output
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   sm_dir = os.path.join(out, "saved_model")
   shutil.rmtree(sm_dir, ignore_errors=True)
   # The converters', quantizer's and interpreter's own output goes to W/export/tools.log.
-  with runtime.tool_output_to(os.path.join(out, "tools.log")):
+  with tool_output.tool_output_to(os.path.join(out, "tools.log")):
     files, encoders = _convert_all(ecfg, out, fns, specs, sm_dir, calib, ref, held)
 
   failed = []

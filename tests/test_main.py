@@ -281,3 +281,32 @@ def test_corrupt_or_partial_latest_checkpoint_falls_back(tmp_path, caplog):
   # Training can go on and save step 2 again.
   ck.save(2, {"w": np.zeros(6), "step": np.int32(2)}, {"iter": {}})
   ck.close()
+
+
+def test_tool_output_goes_to_the_run_log_file(tmp_path, capfd):
+  """What a library writes to fds 1 and 2 (TF's C++ start-up lines while TFDS prepares a
+  dataset) lands in the run's log file, not on the user's terminal; without a log file
+  nothing is redirected."""
+  import logging
+
+  from mcad_jax import tool_output
+
+  with tool_output.tool_output_to(None):
+    os.write(2, b"no log file: stays on fd 2\n")
+  assert "no log file: stays on fd 2" in capfd.readouterr().err
+  path = str(tmp_path / "mcad_jax.log")
+  logger = logging.getLogger("mcad_jax")
+  handler = logging.FileHandler(path)
+  logger.addHandler(handler)
+  try:
+    assert tool_output.run_log_file() == path
+    with tool_output.tool_output_to(tool_output.run_log_file()):
+      os.write(2, b"C++ banner on fd 2\n")
+      os.write(1, b"banner on fd 1\n")
+  finally:
+    logger.removeHandler(handler)
+    handler.close()
+  out = capfd.readouterr()
+  assert "banner" not in out.out + out.err
+  text = pathlib.Path(path).read_text()
+  assert "C++ banner on fd 2" in text and "banner on fd 1" in text

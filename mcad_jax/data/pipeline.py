@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 from PIL import Image
 
+from mcad_jax import tool_output
 from mcad_jax.data.tokenizer import Tokenizer
 
 NUM_EVAL_CAPTIONS = 5
@@ -89,7 +90,8 @@ def ensure_prepared(data_cfg) -> None:
       log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
       t = time.time()
       manual = data_cfg.get("manual_dir") or None
-      with _quiet_tfds():
+      # TFDS imports TensorFlow here, whose C++ start-up lines go to the run's log file.
+      with _quiet_tfds(), tool_output.tool_output_to(tool_output.run_log_file()):
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
