@@ -56,9 +56,8 @@ def get_config(arg: str = ""):
     fusion = dict(size="mu", depth=2, context="conv", text_source="embed", loss="softmax",
                   negatives=2, rerank_k=10)
     batch, lr, fusion_batch = 128, 1e-3, 64
-    # The student's learning rate: 2e-3, twice the teachers' (it was their 1e-3 until issue 11's
-    # sweep: at 2e-3 the student alone gained 17 RSUM and the distilled recipes 3-27, MCAD the
-    # most; only the student alone with twins lost, 9; RESULTS.md, "The student's learning rate").
+    # The student's learning rate: 2e-3, twice the teachers' (their 1e-3 until issue 11's sweep:
+    # RESULTS.md, "The student's learning rate").
     student_lr = 2e-3
     c.log_every, c.ckpt_every = 50, 250
   elif variant == "smoke":
