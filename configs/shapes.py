@@ -86,11 +86,12 @@ def get_config(arg: str = ""):
                                       warmup_steps=warm(steps["student"]))
   c.distill.hard_columns = True
   # The ground truth over the hard columns (canonical caption vs its twins) on top of each
-  # teacher's KL, weighted 2: at 1 the MCAD student learned colour binding but not relations;
-  # at 4 it took relations in but lost 25 RSUM to CLIP-KD; at 2 (1500 steps, 3 seeds) it keeps
-  # relations and colour and matches CLIP-KD's RSUM (RESULTS.md, "Does the student inherit
-  # it?"). Our addition to the recipes, not the papers'; 0 restores the KL alone, and then (with
-  # the hard KL at 3, below) MCAD's KL carries binding by itself (CLIP-KD's does not).
+  # teacher's KL, weighted 2 (chosen with the student at 1e-3 and the hard KL at 1): at 1 the
+  # MCAD student learned colour binding but not relations; at 4 it took relations in but lost
+  # 25 RSUM to CLIP-KD; at 2 (1500 steps, 3 seeds) it keeps relations and colour and matches
+  # CLIP-KD's RSUM (RESULTS.md, "Does the student inherit it?"). Our addition to the recipes,
+  # not the papers'; 0 restores the KL alone, and then (with the hard KL at 3, below) MCAD's KL
+  # carries binding by itself (CLIP-KD's does not).
   c.distill.hard_label_weight = 2.0
   # The KL over the hard columns, weighted 3 for every recipe: at 1 (and the student at 2e-3)
   # MCAD's student took relations in at three seeds of five and stayed at chance at two; at 3
