@@ -65,8 +65,8 @@ def paper_scale(c, name: str, train_images: int, arg: str):
   batch = 1024
   steps = max(100, 30 * train_images // batch)  # ~30 epochs
   model = cl.model_config("B/16", "B", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16")
-  c.teacher = cl.stage_config(model, steps=steps, batch_size=batch, lr=5e-4,
-                              warmup_steps=max(1, steps // 10))
+  c.teacher = cl.dual_stage_config(model, steps=steps, batch_size=batch, lr=5e-4,
+                                   warmup_steps=max(1, steps // 10))
   c.teacher.optim.weight_decay = 0.2
   c.fusion_teacher = cl.fusion_stage_config(copy.deepcopy(model), towers_from="teacher",
                                             steps=steps // 3, batch_size=batch // 2, lr=1e-4,
@@ -89,7 +89,7 @@ def pretrained(c):
       "B/16", "M", 512, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16", tokenizer="clip", text_len=77,
       image_kw=dict(pool="tok", ln_pre=True, ln_eps=1e-5, gelu_exact=True),
       text_kw=dict(causal=True, pool="eot", ln_eps=1e-5, gelu_exact=True))
-  c.teacher = cl.stage_config(clip, steps=steps, batch_size=512, lr=1e-5, warmup_steps=100)
+  c.teacher = cl.dual_stage_config(clip, steps=steps, batch_size=512, lr=1e-5, warmup_steps=100)
   c.teacher.pretrained = ""  # openclip:PATH (required)
   blip = cl.model_config("B/16", "B", 256, mean=CLIP_MEAN, std=CLIP_STD, dtype="bfloat16",
                          tokenizer="wordpiece", text_len=35, text_kw=dict(vocab_size=30524))

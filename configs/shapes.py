@@ -14,6 +14,8 @@ Variants:
   and ALBEF), evaluates them, then trains the student and exports it;
 - `teachers`: trains those two teachers from scratch, as shipped (the fusion
   teacher needs more steps than the demo's 15 minutes allow);
+- `teachers_negclip`: the dual teacher alone, with the twins as hard negatives (NegCLIP-style),
+  same budget: the fair teacher for the single-teacher recipes (shipped as `shapes_negclip`);
 - `smoke`: the whole pipeline on the tiny dataset, teachers trained in it;
 - `paper_t2|t4|t6`: paper-scale students (ViT-S/16 at 224 px, 2/4/6-layer text) trained alone
   briefly, for on-device costs (see paper_config).
@@ -33,7 +35,7 @@ def get_config(arg: str = ""):
   c.name = f"shapes:{variant}"
   c.stages = ("teacher", "fusion_teacher", "distill", "export")
   c.data.hard_negatives = True  # Relation/attribute twins of each scene, for binding.
-  if variant in ("demo", "teachers"):
+  if variant in ("demo", "teachers", "teachers_negclip"):
     c.data.tfds_name = "shapes/default"
     c.data.image_size, c.data.text_len = 64, 24
     # 16 px patches on a 4x4 object grid: one object per patch at most.
@@ -73,10 +75,10 @@ def get_config(arg: str = ""):
     student_lr = lr
     c.log_every, c.ckpt_every = 10, 30
   else:
-    raise ValueError(f"unknown shapes variant {variant!r}; use '', 'demo', 'teachers' or 'smoke'")
+    raise ValueError(f"unknown shapes variant {variant!r}; use one of {VARIANTS}")
   warm = lambda n: max(1, n // 15)
-  c.teacher = cl.stage_config(teacher, steps=steps["teacher"], batch_size=batch, lr=lr,
-                              warmup_steps=warm(steps["teacher"]))
+  c.teacher = cl.dual_stage_config(teacher, steps=steps["teacher"], batch_size=batch, lr=lr,
+                                   warmup_steps=warm(steps["teacher"]))
   c.fusion_teacher = cl.fusion_stage_config(
       copy.deepcopy(teacher), towers_from="teacher", steps=steps["fusion"], batch_size=fusion_batch,
       lr=lr, warmup_steps=warm(steps["fusion"]))
@@ -100,6 +102,12 @@ def get_config(arg: str = ""):
   c.export = cl.export_stage_config("distill")
   if variant == "teachers":
     c.stages = ("teacher", "fusion_teacher")
+  if variant == "teachers_negclip":
+    # The fair dual teacher: the shipped one's budget and command, plus each image's canonical
+    # caption against its twins in one softmax (NegCLIP-style), the binding signal that only
+    # the fusion teacher saw before. Shipped as the set `shapes_negclip`.
+    c.stages = ("teacher",)
+    c.teacher.hard_columns = True
   if variant == "demo":
     c.teacher.weights = shipped.path("shapes", "teacher")
     c.fusion_teacher.weights = shipped.path("shapes", "fusion_teacher")
@@ -114,6 +122,7 @@ def get_config(arg: str = ""):
 
 # ----------------------------------------------------------------------------- paper-scale students
 PAPER_VARIANTS = ("paper_t2", "paper_t4", "paper_t6")
+VARIANTS = ("demo", "teachers", "teachers_negclip", "smoke") + PAPER_VARIANTS
 
 
 def paper_config(variant: str):

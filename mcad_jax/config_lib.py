@@ -86,6 +86,16 @@ def stage_config(model: ml_collections.ConfigDict, *, steps: int, batch_size: in
   return c
 
 
+def dual_stage_config(model: ml_collections.ConfigDict, **kw) -> ml_collections.ConfigDict:
+  """A two-tower stage (the dual teacher, or a student alone) on the contrastive loss."""
+  c = stage_config(model, **kw)
+  # Shapes: each image's canonical caption against its relation / attribute twins in one
+  # softmax, weighted hard_label_weight, on top of the contrastive loss (NegCLIP-style).
+  c.hard_columns = False
+  c.hard_label_weight = 1.0
+  return c
+
+
 def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, **kw):
   """The single-stream teacher: fusion layers on (by default frozen) dual towers."""
   c = stage_config(model, **kw)
@@ -143,7 +153,11 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
       alpha=0.1,            # weight a of the fused term (1.0 lost 20 RSUM on shapes; RESULTS.md)
       proj="learned",       # 'learned' | 'fixed' (random, never trained) P_v, P_t
       proj_contrastive=1.0,  # InfoNCE on (v', t') that keeps learned projections discriminative
-      itm_weight=1.0,       # b in all_pairs mode
+      itm_weight=1.0,       # b in all_pairs mode only
+      # matched mode with hard_columns: the weight of the fusion teacher's ITM logit added to the
+      # dual teacher's scores of the hard columns (our addition, not the paper's; 0 = the
+      # modified features alone, the paper's mechanism)
+      hard_itm_weight=1.0,
       topk=8,               # pairs per row that get the ITM term in all_pairs mode
   ))
   c.conaclip = ml_collections.ConfigDict(dict(schedule="joint"))  # or 'two_stage'
@@ -308,6 +322,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
       _validate_fusion(config, name, s)
     if s.kind == "distill":
       _validate_distill(config, name, s)
+    if s.kind == "dual" and s.get("hard_columns", False):
+      _need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
+            "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
+      _in(s.hard_label_weight, f"{name}.hard_label_weight", 0)
     _need(s.loss in LOSSES, f"{name}.loss", f"unknown loss {s.loss!r}; known {LOSSES}")
     _need(s.steps > 0, f"{name}.steps", f"must be > 0, got {s.steps}")
     _need(s.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {s.batch_size}")
@@ -482,8 +500,8 @@ def _validate_distill(config, name, s) -> None:
   _need(m.combine in ("add", "concat", "gate"), f"{name}.mcad.combine", f"unknown {m.combine!r}")
   _need(m.proj in ("learned", "fixed"), f"{name}.mcad.proj", f"unknown proj {m.proj!r}")
   _need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
-  for k in ("alpha", "proj_contrastive", "itm_weight"):
-    _in(m[k], f"{name}.mcad.{k}", 0)
+  for k in ("alpha", "proj_contrastive", "itm_weight", "hard_itm_weight"):
+    _in(m.get(k, 0.0), f"{name}.mcad.{k}", 0)
   for j, (edge, _, w) in enumerate(distill.edge_table(s)):
     _need(math.isfinite(w) and w >= 0, f"{name}.edges[{j}]", f"weight of {edge} must be >= 0, got {w}")
   _need(s.conaclip.schedule in ("joint", "two_stage"), f"{name}.conaclip.schedule",

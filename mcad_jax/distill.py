@@ -225,6 +225,21 @@ def teacher_dims(dual_params: Any, fusion_params: Any | None) -> tuple[int, int]
 HARD_COLUMNS = ("true", "relation", "attribute")
 
 
+HARD_KEYS = tuple(f"hn_{k}" for k in HARD_COLUMNS) + tuple(f"hn_{k}_valid" for k in HARD_COLUMNS)
+
+
+def hard_logits(encode_text, zimg: jax.Array, batch, scale) -> jax.Array:
+  """[B, 3] logits of each image against its canonical caption and its twins.
+
+  Args:
+    encode_text: token ids [3B, L] -> L2-normalised text embeddings [3B, E].
+    zimg: the images' embeddings [B, E].
+  """
+  ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD_COLUMNS])
+  zt = encode_text(ids)
+  return scale * jnp.einsum("be,cbe->bc", zimg, zt.reshape(len(HARD_COLUMNS), *zimg.shape))
+
+
 def hard_valid(batch) -> tuple[jax.Array, jax.Array]:
   """([B, 3] valid hard columns, [B] row weights): a row counts if it has a twin."""
   tv = batch["hn_true_valid"]

@@ -38,9 +38,11 @@ BUILDER_CONFIGS = [
 class Shapes(tfds.core.GeneratorBasedBuilder):
   """Procedural scenes of coloured shapes with 5 captions each."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {"1.0.0": "First release.",
-                   "1.1.0": "num_objects and hn_cells (the twins' objects' grid cells)."}
+                   "1.1.0": "num_objects and hn_cells (the twins' objects' grid cells).",
+                   "1.2.0": "default: a 5k validation split (was 1k), the size of test, for "
+                            "selecting settings; train and test unchanged."}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "default"
 

@@ -16,6 +16,9 @@ from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pr
 from mcad_jax.stages.teachers import load_teachers, teacher_fns
 
 HARD = distill.HARD_COLUMNS
+# Params that build MCAD's modified teacher features (the heads' projections of the fused feature
+# and, with `combine='gate'`, the gates): the teacher side of the distillation.
+MCAD_TEACHER_SIDE = (r"^heads/(p_v|p_t|g_v|g_t)/",)
 
 
 def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
@@ -45,9 +48,8 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
 
   def hard_logits(params, batch, si, scale):
     """The student's [B, 3] logits for each image's canonical caption and its twins."""
-    ids = jnp.concatenate([batch[f"hn_{k}"] for k in HARD])
-    zt, _ = student.apply({"params": params["student"]}, ids, method=student.encode_text)
-    return scale * jnp.einsum("be,cbe->bc", si, zt.reshape(len(HARD), *si.shape))
+    enc = lambda ids: student.apply({"params": params["student"]}, ids, method=student.encode_text)[0]
+    return distill.hard_logits(enc, si, batch, scale)
 
   def loss_fn(params, batch, rng, frozen, step=None):
     del rng, step
@@ -101,7 +103,7 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       # The hard columns, scored by this recipe's teacher: the dual teacher's similarity, plus
       # for MCAD the fusion teacher's match logit (its reading of binding).
       th = distill.teacher_hard_logits(tout, batch, fwd, frozen, cache is not None,
-                                       dcfg.mcad.itm_weight if mcad else 0.0)
+                                       dcfg.mcad.hard_itm_weight if mcad else 0.0)
       t["loss/hard_kl"] = losses.kl_candidates(th, g, valid, row_w)
       terms["teacher_hard_acc"] = distill.hard_accuracy(th, valid)
       gl = gl + dcfg.hard_weight * t["loss/hard_kl"]
@@ -130,10 +132,13 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
   keys = ("image", "text") + (tuple(f"teacher_{k}" for k in cache.keys) if cache else ())
   online = fwd is not None and cache is None  # Online teachers read their own tokenizers' ids.
   if hard:
-    keys += tuple(f"hn_{k}" for k in HARD) + tuple(f"hn_{k}_valid" for k in HARD)
+    keys += distill.HARD_KEYS
     keys += fwd.keys(tuple(f"hn_{k}" for k in HARD)) if online else ()
+  # `mcad.proj='fixed'` keeps the teacher side as initialised: its gradients are stopped in the
+  # loss, and the optimizer leaves it alone too (AdamW's weight decay would shrink it otherwise).
+  freeze = MCAD_TEACHER_SIDE if mcad and dcfg.mcad.proj == "fixed" else ()
   return Stage(
-      init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask,
+      init=init, loss_fn=loss_fn, frozen=frozen, update_mask=update_mask, freeze=freeze,
       batch_keys=keys + (fwd.batch_keys if online else ()),
       load_init=pretrained_init(config, scfg, student, under="student"),
       host_fn=cache.lookup if cache else None, tokenizer=common.tokenizer(config, scfg.model),

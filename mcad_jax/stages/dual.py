@@ -1,11 +1,14 @@
 """The `dual` stage kind: a two-tower model on a contrastive loss.
 
-The dual teacher, or a student trained alone with no teacher.
+The dual teacher, or a student trained alone with no teacher. With `hard_columns`
+(shapes), each image's canonical caption also competes with its relation and
+attribute twins in one softmax (NegCLIP-style hard negatives), so a dual teacher
+can be trained on the same binding signal the fusion teacher sees.
 """
 
 from __future__ import annotations
 
-from mcad_jax import losses
+from mcad_jax import distill, losses
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, tokenizer
 
 
@@ -13,15 +16,25 @@ def dual_stage(config, scfg, workdir: str, mesh) -> Stage:
   del workdir
   model = dual_model(config, scfg.model)
   img, txt = dummy_batch(config, model_cfg=scfg.model)
+  hard = bool(scfg.get("hard_columns", False))
 
   def loss_fn(params, batch, rng, frozen, step=None):
     del rng, frozen, step
     zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["text"])
     loss = losses.contrastive(scfg.loss, zimg, ztxt, aux["logit_scale"], aux["logit_bias"])
-    return loss, {f"loss/{scfg.loss}": loss, "logit_scale": aux["logit_scale"]}
+    terms = {f"loss/{scfg.loss}": loss, "logit_scale": aux["logit_scale"]}
+    if hard:
+      enc = lambda ids: model.apply({"params": params}, ids, method=model.encode_text)[0]
+      g = distill.hard_logits(enc, zimg, batch, aux["logit_scale"])
+      valid, row_w = distill.hard_valid(batch)
+      terms["loss/hard_softmax"] = losses.candidate_softmax(g, valid, row_w)
+      terms["hard_acc"] = distill.hard_accuracy(g, valid)
+      loss = loss + scfg.hard_label_weight * terms["loss/hard_softmax"]
+    return loss, terms
 
   return Stage(
       init=lambda rng: model.init(rng, img, txt)["params"],
       loss_fn=loss_fn,
+      batch_keys=("image", "text") + (distill.HARD_KEYS if hard else ()),
       load_init=pretrained_init(config, scfg, model), tokenizer=tokenizer(config, scfg.model),
       evaluate=lambda params, mesh: eval_dual(config, model, params, mesh, scfg.report_as, scfg.model))
