@@ -92,20 +92,42 @@ def recall_metrics(zimg, ztxt, block: int = 1024) -> dict[str, float]:
   return _summarise(i2t, t2i)
 
 
-def hard_negative_metrics(zimg, encode_text: Callable[[np.ndarray], jax.Array],
-                          hard: dict[str, np.ndarray]) -> dict[str, float]:
-  """Percent of images whose true caption outscores its relation / attribute twin."""
-  ztrue = np.asarray(encode_text(hard["true"]))
-  zimg = np.asarray(zimg)
-  s_true = np.sum(zimg * ztrue, axis=1)
+# Which held-out flag of an eval set (pipeline.eval_set) splits each kind of twin.
+HELDOUT_FLAGS = {"relation": "heldout_relation", "attribute": "heldout_colour"}
+
+
+def twin_accuracy(s_true: np.ndarray, twin_score: Callable[[str], np.ndarray],
+                  hard: dict[str, np.ndarray]) -> dict[str, float]:
+  """Percent of images whose true caption outscores its relation / attribute twin.
+
+  Args:
+    s_true: [N] scores of each image with its canonical caption.
+    twin_score: kind -> [N] scores of each image with its twin of that kind.
+    hard: the eval set's hard captions and flags. Where it marks held-out compositions (the
+      `heldout` dataset), also `hn_<kind>_heldout` and `hn_<kind>_seen`, over the images whose
+      canonical caption holds one (or none).
+  """
   out = {}
   for kind in ("relation", "attribute"):
     valid = hard[f"{kind}_valid"] & hard["true_valid"]
     if not valid.any():
       continue
-    s_twin = np.sum(zimg * np.asarray(encode_text(hard[kind])), axis=1)
-    out[f"hn_{kind}"] = float(100.0 * np.mean((s_true > s_twin)[valid]))
+    wins = s_true > twin_score(kind)
+    out[f"hn_{kind}"] = float(100.0 * np.mean(wins[valid]))
+    flag = hard.get(HELDOUT_FLAGS[kind])
+    if flag is not None:
+      for name, rows in (("heldout", valid & flag), ("seen", valid & ~flag)):
+        if rows.any():
+          out[f"hn_{kind}_{name}"] = float(100.0 * np.mean(wins[rows]))
   return out
+
+
+def hard_negative_metrics(zimg, encode_text: Callable[[np.ndarray], jax.Array],
+                          hard: dict[str, np.ndarray]) -> dict[str, float]:
+  """Percent of images whose true caption outscores its relation / attribute twin."""
+  zimg = np.asarray(zimg)
+  score = lambda ids: np.sum(zimg * np.asarray(encode_text(ids)), axis=1)
+  return twin_accuracy(score(hard["true"]), lambda kind: score(hard[kind]), hard)
 
 
 def evaluate_dual(encode_image: EncodeFn, encode_text: EncodeFn, params, data: EvalSet,

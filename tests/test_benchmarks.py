@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from benchmarks.train_step import matmul_flops
@@ -63,3 +64,54 @@ def test_distill_overhead_paper_variant_has_random_demo_teachers():
   assert (c.data.image_size, c.distill.batch_size, c.distill.model.text) == (224, 16, "S")
   assert c.distill.model.text_kw["depth"] == 6
   assert c.distill.hard_columns == demo.distill.hard_columns
+
+
+def test_protocol_gives_every_recipe_the_same_grid():
+  from benchmarks import protocol
+
+  base = {r.setting for r in protocol.val_runs(("shipped",)) if r.row == "clip_kd"}
+  assert len(base) == 6
+  for row in ("tinyclip", "conaclip"):
+    assert {r.setting for r in protocol.val_runs(("shipped",)) if r.row == row} == base
+  mcad = {r.setting for r in protocol.val_runs(("shipped",)) if r.row == "mcad"}
+  assert len(mcad) == 18
+  assert {tuple(kv for kv in s if kv[0] != "mcad.alpha") for s in mcad} == base
+  # Every run of the selection phase reads val, none reads test.
+  for r in protocol.val_runs():
+    assert protocol.config_for(r, "/nonexistent").data.test_split == "validation"
+  assert all(r.phase == "val" and r.seed == 0 for r in protocol.val_runs())
+
+
+def _done(path, rsum, rel, attr):
+  import json
+  import os
+
+  os.makedirs(os.path.join(path, "distill"))
+  with open(os.path.join(path, "distill", "done.json"), "w") as f:
+    json.dump({"retrieval": {"student": {"rsum": rsum, "hn_relation": rel, "hn_attribute": attr}}}, f)
+
+
+def test_protocol_selects_on_val_then_runs_the_choice_at_five_seeds(tmp_path):
+  from benchmarks import protocol
+
+  out = str(tmp_path)
+  runs = [r for r in protocol.val_runs(("shipped",)) if r.row == "clip_kd"]
+  for i, r in enumerate(runs):
+    _done(r.workdir(out), 300 + i, 50, 50 - 3 * i)  # rsum+hn is best at i == 0, rsum at the last
+  assert protocol.selected(out, "rsum+hn", ("shipped",))[("shipped", "clip_kd")] == runs[0]
+  assert protocol.selected(out, "rsum", ("shipped",))[("shipped", "clip_kd")] == runs[-1]
+  tests = protocol.test_runs(out, "rsum+hn", ("shipped",))
+  assert {(r.row, r.setting, r.phase) for r in tests} == {("clip_kd", runs[0].setting, "test")}
+  assert sorted(r.seed for r in tests) == list(protocol.TEST_SEEDS)
+  assert protocol.config_for(tests[0], out).data.test_split == "test"
+  # A row with an unfinished grid is not selected yet.
+  assert ("shipped", "mcad") not in protocol.selected(out, "rsum+hn", ("shipped",))
+
+
+def test_protocol_paired_interval():
+  from benchmarks import protocol
+
+  mean, lo, hi = protocol.paired_ci([3.0, 5.0, 7.0], [2.0, 3.0, 4.0])  # differences 1, 2, 3
+  half = 4.302652729911275 / np.sqrt(3)  # t(0.975, 2) * sd (1) / sqrt(n)
+  assert mean == pytest.approx(2.0)
+  assert (lo, hi) == pytest.approx((2.0 - half, 2.0 + half))

@@ -154,3 +154,44 @@ def test_generated_source_is_the_prepared_dataset(tiny_data):
   coco.tfds_name = "coco_captions"
   with pytest.raises(ValueError, match="only the shapes"):
     pipeline.data_source(coco, "train")
+
+
+def test_validation_split_is_the_size_of_test_and_shares_no_scene_with_it():
+  """Settings are selected on val: it must be as large as test and drawn apart from it."""
+  import hashlib
+
+  sizes = dict(scenes.VARIANTS["default"].sizes)
+  assert sizes["validation"] == sizes["test"] == 5_000
+  val, test = scenes.Split("default", "validation"), scenes.Split("default", "test")
+  digest = lambda ex: hashlib.sha256(ex["image"].tobytes()).hexdigest()
+  seen = {digest(test[i]) for i in range(300)}
+  assert not seen & {digest(val[i]) for i in range(300)}
+  # Its own generator stream: the same index gives another scene.
+  assert val[0]["captions"] != test[0]["captions"]
+
+
+def test_heldout_train_split_never_shows_a_heldout_composition():
+  """SQOOP-style split: no train scene shows a held-out colour-shape pair or spatial fact; val
+  and test do (so hard-negative accuracy on them measures composition, not recall)."""
+  v = scenes.VARIANTS["heldout"]
+  held = v.heldout
+  objs = lambda split, i, h: scenes.scene_objects(v.spec, v.seed, split, i, h)[0]
+  assert not any(held.scene(objs("train", i, held)) for i in range(20_000))
+  # Unfiltered, the same stream shows them often: the check above can fail.
+  assert sum(held.scene(objs("train", i, None)) for i in range(1_000)) > 100
+  # The rendered examples agree, down to their canonical captions.
+  train, test = scenes.Split("heldout", "train"), scenes.Split("heldout", "test")
+  assert not any(any(held.canonical(train[i]["hn_true"])) for i in range(200))
+  flags = np.array([held.canonical(test[i]["hn_true"]) for i in range(400)])
+  assert flags[:, 0].sum() > 20 and flags[:, 1].sum() > 2
+  # Val and test are drawn as in `default`.
+  assert test[7]["captions"] == scenes.Split("default", "test")[7]["captions"]
+
+
+def test_canonical_caption_flags_facts_and_their_converse():
+  held = scenes.HeldOut(colour_shapes=(("red", "circle"),), triples=(("circle", "left of", "square"),))
+  assert held.canonical("a small red circle above a large blue bar") == (True, False)
+  assert held.canonical("a large blue circle left of a small red square") == (False, True)
+  assert held.canonical("a large blue square right of a small green circle") == (False, True)
+  assert held.canonical("a large blue square left of a small green circle") == (False, False)
+  assert held.canonical("two shapes: a red circle and a blue square") == (False, False)

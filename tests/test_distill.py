@@ -263,3 +263,66 @@ def test_teacher_cache_lives_beside_the_dataset_unless_the_stage_names_a_dir(tmp
   name = config.data.tfds_name.replace("/", "_")
   assert teacher_cache.cache_root(config) == str(tmp_path / "tfds" / "mcad_teacher_cache" / name)
   assert teacher_cache.cache_root(config, str(tmp_path / "c")) == str(tmp_path / "c" / name)
+
+
+# ----------------------------------------------------------------------------- the protocol's switches
+
+
+def test_hard_column_teacher_scores_add_the_itm_logit_at_its_weight():
+  """teacher_hard_logits = scale * v.t_hard + hard_itm_weight * ITM (NumPy reference)."""
+  rng = np.random.default_rng(4)
+  v = np.asarray(_unit(rng, 6, 8))
+  hard_t = np.asarray(_unit(rng, 18, 8)).reshape(6, 3, 8)
+  itm = rng.normal(size=(6, 3)).astype(np.float32)
+  tout = {"v": jnp.asarray(v), "hard_t": jnp.asarray(hard_t), "hard_itm": jnp.asarray(itm),
+          "scale": 7.0}
+  for w in (0.0, 1.0, 2.5):
+    got = distill.teacher_hard_logits(tout, {}, None, None, True, w)
+    want = 7.0 * np.einsum("be,bce->bc", v, hard_t) + w * itm
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _grads(config, workdir):
+  """The distill stage's gradients on one training batch, at init."""
+  mesh = sharding.make_mesh(config.mesh)
+  stage = stages.build(config, "distill", str(workdir), mesh)
+  params = jax.jit(stage.init)(jax.random.key(0))
+  from mcad_jax.data import pipeline
+
+  it = pipeline.train_iterator(config.data, stage.tokenizer or stages.tokenizer(config),
+                               config.distill.batch_size, 0, extra=stage.extra_tokenizers)
+  b = next(it)
+  b = stage.host_fn(b) if stage.host_fn else b
+  b = {k: jnp.asarray(b[k]) for k in stage.batch_keys}
+  return jax.grad(lambda p: stage.loss_fn(p, b, jax.random.key(1), stage.frozen)[0])(params)
+
+
+@pytest.mark.parametrize("proj", ["fixed", "learned"])
+def test_teacher_side_frozen_switch(teacher_workdir, proj):
+  """mcad.proj='fixed': the projections that build the modified teacher features get zero
+  gradient and stay at their init through training (no weight decay either); 'learned' moves
+  them. The student-to-teacher heads learn in both."""
+  config = shapes.get_config("smoke")
+  config.distill.mcad.proj = proj
+  g = _grads(config, teacher_workdir)
+  start, end, _, _, _ = _steps(config, "distill", teacher_workdir)
+  for k in ("p_v", "p_t"):
+    zero = not np.any(np.asarray(g["heads"][k]["kernel"]))
+    same = np.array_equal(start["heads"][k]["kernel"], end["heads"][k]["kernel"])
+    assert zero == same == (proj == "fixed"), (k, zero, same)
+  assert np.any(np.asarray(g["heads"]["proj_img"]["kernel"]))
+  assert not np.array_equal(start["heads"]["proj_img"]["kernel"], end["heads"]["proj_img"]["kernel"])
+
+
+def test_dual_teacher_with_twins_adds_their_softmax(teacher_workdir):
+  """teacher.hard_columns: the contrastive loss + hard_label_weight * the twins' softmax."""
+  config = shapes.get_config("smoke")
+  config.teacher.hard_columns, config.teacher.hard_label_weight = True, 2.0
+  _, _, losses_, m, stage = _steps(config, "teacher", teacher_workdir)
+  assert "hn_relation" in stage.batch_keys
+  assert float(m["loss/hard_softmax"]) > 0
+  np.testing.assert_allclose(m["training_loss"], m["loss/infonce"] + 2.0 * m["loss/hard_softmax"],
+                             rtol=1e-5)
+  config.teacher.hard_columns = False
+  _, _, _, m, stage = _steps(config, "teacher", teacher_workdir, n=1)
+  assert "loss/hard_softmax" not in m and "hn_relation" not in stage.batch_keys

@@ -1,6 +1,7 @@
 """Retrieval metrics against a brute-force NumPy reference."""
 
 import numpy as np
+import pytest
 
 from mcad_jax import evaluate
 
@@ -70,3 +71,21 @@ def test_rerank_with_the_dual_score_changes_nothing_and_an_oracle_helps():
   # A perfect re-ranker puts every true match found in the top 10 first.
   assert oracle["i2t_r1"] == dual["i2t_r10"] and oracle["t2i_r1"] == dual["t2i_r10"]
   assert oracle["i2t_r10"] == dual["i2t_r10"]
+
+
+def test_twin_accuracy_splits_heldout_from_seen_rows():
+  s_true = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+  twins = {"relation": np.array([0.0, 2.0, 0.0, 2.0, 2.0, 0.0]),
+           "attribute": np.array([0.0, 0.0, 2.0, 2.0, 0.0, 0.0])}
+  ok = np.ones(6, bool)
+  hard = {"true_valid": ok, "relation_valid": ok, "attribute_valid": ok.copy()}
+  hard["attribute_valid"][5] = False
+  out = evaluate.twin_accuracy(s_true, twins.__getitem__, hard)
+  assert out == {"hn_relation": 50.0, "hn_attribute": 60.0}
+  hard["heldout_relation"] = np.array([True, True, True, False, False, False])
+  hard["heldout_colour"] = np.array([False, False, True, True, False, True])
+  out = evaluate.twin_accuracy(s_true, twins.__getitem__, hard)
+  assert out["hn_relation_heldout"] == pytest.approx(200 / 3)
+  assert out["hn_relation_seen"] == pytest.approx(100 / 3)
+  # Row 5 has no attribute twin: it counts in neither group.
+  assert out["hn_attribute_heldout"] == 0.0 and out["hn_attribute_seen"] == 100.0

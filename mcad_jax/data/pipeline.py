@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image
 
 from mcad_jax import tool_output
+from mcad_jax.data import scenes
 from mcad_jax.data.tokenizer import Tokenizer
 
 NUM_EVAL_CAPTIONS = 5
@@ -171,8 +172,6 @@ def generated_source(data_cfg, split: str) -> Sequence:
   the same examples the TFDS builder writes (in another record order), with no TensorFlow and
   nothing prepared: for machines without TF, such as GPU images. Each read renders its scene,
   which costs CPU time that reading the prepared files does not."""
-  from mcad_jax.data import scenes
-
   base, _, variant = data_cfg.tfds_name.partition(":")[0].partition("/")
   if base != "shapes":
     raise ValueError(f"data.source='generate' reads only the shapes datasets, not {data_cfg.tfds_name!r}; "
@@ -186,8 +185,6 @@ def generated_source(data_cfg, split: str) -> Sequence:
 @functools.lru_cache(maxsize=4)
 def _held_split(variant: str, split: str, workers: int):
   """A rendered split, kept for the process (the cache, training and eval read the same one)."""
-  from mcad_jax.data import scenes
-
   return scenes.Split(variant, split).hold(workers)
 
 
@@ -371,4 +368,8 @@ def eval_set(data_cfg, tokenizer: Tokenizer, split: str | None = None,
   if ad.hard_negatives:
     hard = {k: tokenizer.encode_batch(v) for k, v in hn.items()}
     hard.update({f"{k}_valid": np.array([bool(s) for s in v]) for k, v in hn.items()})
+    held = scenes.heldout_of(data_cfg.tfds_name)
+    if held is not None:  # Which canonical captions state a composition train never showed.
+      flags = np.array([held.canonical(s) for s in hn["true"]], bool).reshape(-1, 2)
+      hard["heldout_colour"], hard["heldout_relation"] = flags[:, 0], flags[:, 1]
   return EvalSet(np.stack(images).astype(np.uint8), tokenizer.encode_batch(texts), hard)

@@ -12,6 +12,7 @@ counts, clutter, position jitter and pixel noise.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
@@ -103,14 +104,65 @@ def default_spec() -> SceneSpec:
                    max_objects=4, jitter=0.15, clutter=3, noise=10.0, color_jitter=12.0)
 
 
+_INVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+  """Compositions that a variant's train split never shows and its val and test splits do
+  (SQOOP-style): colour-shape pairs, and spatial facts (shape, relation, shape).
+
+  A fact and its converse are one arrangement ("circle left of square" is "square right of
+  circle"), so holding out one holds out both.
+  """
+
+  colour_shapes: tuple[tuple[str, str], ...]
+  triples: tuple[tuple[str, str, str], ...]
+
+  def fact(self, shape_a: str, rel: str, shape_b: str) -> bool:
+    return ((shape_a, rel, shape_b) in self.triples
+            or (shape_b, _INVERSE[rel], shape_a) in self.triples)
+
+  def scene(self, objs: list[Obj]) -> bool:
+    """Whether a scene shows any held-out composition."""
+    if any((o.color, o.shape) in self.colour_shapes for o in objs):
+      return True
+    return any(self.fact(a.shape, relation(a, b), b.shape)
+               for a in objs for b in objs if a is not b)
+
+  def canonical(self, caption: str) -> tuple[bool, bool]:
+    """(names a held-out colour-shape pair, states a held-out fact) for a canonical two-object
+    caption (`hard_negatives`' form: 'a small red circle left of a large blue square')."""
+    m = _CANONICAL.match(caption)
+    if not m:
+      return False, False
+    ca, sa, rel, cb, sb = m.groups()
+    colour = (ca, sa) in self.colour_shapes or (cb, sb) in self.colour_shapes
+    return colour, self.fact(sa, rel, sb)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """A named dataset: frozen generator knobs, seed and split sizes (`shapes/<name>`)."""
+  """A named dataset: frozen generator knobs, seed and split sizes (`shapes/<name>`), and the
+  compositions its train split holds out, if any."""
 
   spec: SceneSpec
   description: str
   seed: int = 0
   sizes: tuple[tuple[str, int], ...] = (("train", 50_000), ("validation", 1_000), ("test", 1_000))
+  heldout: HeldOut | None = None
+
+
+# The `heldout` variant's compositions: 8 of its 96 colour-shape pairs (each colour and shape
+# once) and 8 spatial facts, two per relation.
+HELDOUT = HeldOut(
+    colour_shapes=(("red", "circle"), ("green", "square"), ("blue", "triangle"),
+                   ("yellow", "diamond"), ("purple", "cross"), ("orange", "ring"),
+                   ("white", "star"), ("cyan", "bar")),
+    triples=(("circle", "left of", "square"), ("triangle", "above", "star"),
+             ("diamond", "right of", "cross"), ("ring", "below", "bar"),
+             ("star", "left of", "bar"), ("cross", "above", "circle"),
+             ("square", "right of", "ring"), ("bar", "below", "triangle")))
 
 
 # The named datasets. The TFDS builder (shapes_builder.py) writes these; `data.source='generate'`
@@ -126,12 +178,26 @@ VARIANTS = {
     # The DESIGN §6.1 prototype, for reference.
     "easy": Variant(SceneSpec(), "48 px, 8 colours, 6 shapes, 1-3 objects in a 3x3 grid, 50k train, "
                     "1k test."),
+    # The demo's data with compositions held out of train (HELDOUT): does a student bind, or
+    # recall pairs it saw? Val and test are drawn as in `default`.
+    "heldout": Variant(default_spec(), "default's scenes; train never shows 8 colour-shape pairs "
+                       "and 8 spatial facts that val and test do.",
+                       sizes=(("train", 60_000), ("validation", 5_000), ("test", 5_000)),
+                       heldout=HELDOUT),
     # Small and quick to prepare: smoke runs and tests.
     "tiny": Variant(SceneSpec(image_size=32, grid=2, num_colors=6, num_shapes=4, min_objects=1,
                               max_objects=3, noise=8.0),
                     "32 px, 6 colours, 4 shapes, 1-3 objects, 2k train, 200 test.",
                     sizes=(("train", 2_000), ("validation", 100), ("test", 200))),
 }
+
+
+def heldout_of(tfds_name: str) -> HeldOut | None:
+  """The compositions dataset `tfds_name` holds out of train (None if not a shapes variant
+  that holds any out)."""
+  base, _, rest = tfds_name.partition("/")
+  v = VARIANTS.get(rest.split(":")[0] or "default") if base == "shapes" else None
+  return v.heldout if v is not None else None
 
 
 def grid_cells(tfds_name: str) -> int:
@@ -278,15 +344,34 @@ def hard_negatives(objs: list[Obj]) -> tuple[str, str, str]:
   return true, rel_twin, attr_twin
 
 
-def example(spec: SceneSpec, seed: int, split: str, index: int) -> dict:
+_WORD = r"(\w+)"
+_CANONICAL = re.compile(rf"^an? (?:small|large) {_WORD} {_WORD} (left of|right of|above|below) "
+                        rf"an? (?:small|large) {_WORD} {_WORD}$")
+
+
+def scene_objects(spec: SceneSpec, seed: int, split: str, index: int,
+                  heldout: HeldOut | None = None) -> tuple[list[Obj], np.random.Generator]:
+  """The objects of example `index` of `split`, and the generator state that renders them.
+
+  With `heldout`, a train scene that shows a held-out composition is drawn again (from the
+  same stream), so train never shows one; val and test are not filtered.
+  """
+  rng = np.random.default_rng([seed, SPLITS[split], index])
+  objs = sample_objects(spec, rng)
+  while heldout is not None and split == "train" and heldout.scene(objs):
+    objs = sample_objects(spec, rng)
+  return objs, rng
+
+
+def example(spec: SceneSpec, seed: int, split: str, index: int,
+            heldout: HeldOut | None = None) -> dict:
   """The `index`-th example of `split`: image, 5 captions and hard-negative twins.
 
   Also `num_objects` (for curricula over scene complexity) and `hn_cells`, the grid
   cells (row * grid + col) of the two objects the hard-negative captions name (-1 if
   there are fewer), for grounding losses.
   """
-  rng = np.random.default_rng([seed, SPLITS[split], index])
-  objs = sample_objects(spec, rng)
+  objs, rng = scene_objects(spec, seed, split, index, heldout)
   img = render(spec, objs, rng)
   caps = captions(objs, rng)
   true, rel_twin, attr_twin = hard_negatives(objs)
@@ -334,4 +419,4 @@ class Split:
     return self
 
   def _render(self, i: int) -> dict:
-    return example(self.variant.spec, self.variant.seed, self.split, i)
+    return example(self.variant.spec, self.variant.seed, self.split, i, self.variant.heldout)

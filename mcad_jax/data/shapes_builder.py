@@ -42,7 +42,8 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "First release.",
                    "1.1.0": "num_objects and hn_cells (the twins' objects' grid cells).",
                    "1.2.0": "default: a 5k validation split (was 1k), the size of test, for "
-                            "selecting settings; train and test unchanged."}
+                            "selecting settings; train and test unchanged. heldout: default's "
+                            "scenes with compositions held out of train."}
   BUILDER_CONFIGS = BUILDER_CONFIGS
   DEFAULT_CONFIG_NAME = "default"
 
@@ -77,4 +78,4 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
     cfg = self.builder_config
     cfg.spec.validate()
     for i in range(n):
-      yield i, scenes.example(cfg.spec, cfg.seed, split, i)
+      yield i, scenes.example(cfg.spec, cfg.seed, split, i, scenes.VARIANTS[cfg.name].heldout)

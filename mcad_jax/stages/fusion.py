@@ -245,11 +245,10 @@ def fusion_metrics(config, scfg, model, params, mesh, test: pipeline.EvalSet) ->
     idx = np.arange(test.num_images)
     z_true, t_true, m_true = evaluate.embed_all(towers("txt"), params, test.hard["true"], bs, mesh)
     s_true = score_with(t_true, m_true, np.asarray(z_true))(idx, idx)
-    for kind in ("relation", "attribute"):
-      valid = test.hard[f"{kind}_valid"] & test.hard["true_valid"]
-      if not valid.any():
-        continue
+
+    def twin(kind):
       z_k, t_k, m_k = evaluate.embed_all(towers("txt"), params, test.hard[kind], bs, mesh)
-      s_k = score_with(t_k, m_k, np.asarray(z_k))(idx, idx)
-      out[f"hn_{kind}"] = float(100.0 * np.mean((s_true > s_k)[valid]))
+      return score_with(t_k, m_k, np.asarray(z_k))(idx, idx)
+
+    out.update(evaluate.twin_accuracy(s_true, twin, test.hard))
   return out
