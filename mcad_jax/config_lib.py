@@ -126,7 +126,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
 
 def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mcad",
                          teacher: str = "teacher", fusion_teacher: str = "fusion_teacher", **kw):
-  """A student distilled from frozen teachers by `recipe` (see mcad_jax/distill.py)."""
+  """A student distilled from frozen teachers by `recipe` (see mcad_jax/recipes/)."""
   c = stage_config(model, **kw)
   c.kind = "distill"
   c.report_as = "student"
@@ -487,31 +487,33 @@ def _validate_export(config, name, s) -> None:
 
 
 def _validate_distill(config, name, s) -> None:
-  from mcad_jax import distill
+  from mcad_jax import recipes
+  from mcad_jax.recipes import conaclip, heads, mcad
 
-  _need(s.recipe in distill.RECIPES, f"{name}.recipe",
-        f"unknown recipe {s.recipe!r}; known {distill.RECIPES}")
+  _need(s.recipe in recipes.RECIPES, f"{name}.recipe",
+        f"unknown recipe {s.recipe!r}; known {recipes.RECIPES}")
   try:
-    distill.edge_table(s)
+    recipes.edge_table(s)
   except ValueError as e:
     raise ConfigError(f"{name}.edges", str(e)) from None
   m = s.mcad
-  _need(m.mode in ("matched", "all_pairs"), f"{name}.mcad.mode", f"unknown mode {m.mode!r}")
-  _need(m.combine in ("add", "concat", "gate"), f"{name}.mcad.combine", f"unknown {m.combine!r}")
-  _need(m.proj in ("learned", "fixed"), f"{name}.mcad.proj", f"unknown proj {m.proj!r}")
+  _need(m.mode in mcad.MODES, f"{name}.mcad.mode", f"unknown mode {m.mode!r}; known {mcad.MODES}")
+  _need(m.combine in heads.COMBINES, f"{name}.mcad.combine",
+        f"unknown {m.combine!r}; known {heads.COMBINES}")
+  _need(m.proj in mcad.PROJS, f"{name}.mcad.proj", f"unknown proj {m.proj!r}; known {mcad.PROJS}")
   _need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
   for k in ("alpha", "proj_contrastive", "itm_weight", "hard_itm_weight"):
     _in(m.get(k, 0.0), f"{name}.mcad.{k}", 0)
-  for j, (edge, _, w) in enumerate(distill.edge_table(s)):
+  for j, (edge, _, w) in enumerate(recipes.edge_table(s)):
     _need(math.isfinite(w) and w >= 0, f"{name}.edges[{j}]", f"weight of {edge} must be >= 0, got {w}")
-  _need(s.conaclip.schedule in ("joint", "two_stage"), f"{name}.conaclip.schedule",
-        f"unknown schedule {s.conaclip.schedule!r}")
+  _need(s.conaclip.schedule in conaclip.SCHEDULES, f"{name}.conaclip.schedule",
+        f"unknown schedule {s.conaclip.schedule!r}; known {conaclip.SCHEDULES}")
   _need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")
   for k in ("hard_weight", "hard_label_weight"):
     _in(s.get(k, 0.0), f"{name}.{k}", 0)
-  if distill.uses_teacher(s):
+  if recipes.uses_teacher(s):
     _stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
-  if distill.needs_fusion(s):
+  if recipes.needs_fusion(s):
     _stage_ref(config, name, f"{name}.teachers.fusion", s.teachers.fusion, "fusion")
   if s.hard_columns:
     _need(config.data.get("hard_negatives", False), f"{name}.hard_columns",

@@ -26,6 +26,7 @@ import numpy as np
 
 from mcad_jax import evaluate
 from mcad_jax.data import pipeline, tokenizer as tokenizers
+from mcad_jax.recipes.hard_columns import HARD_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +123,6 @@ def compute(config, frozen, fwd, mesh, limit: int | None = None, tokenizer=None,
   bs = config.eval_batch_size
   c = pipeline.NUM_EVAL_CAPTIONS
   outs: dict[str, list[np.ndarray]] = {"v": [], "t": [], "f": [], "hard_t": [], "hard_itm": []}
-  from mcad_jax.distill import HARD_COLUMNS
   img_fn = lambda p, x: fwd.image(p, x)
   # With a fusion tokenizer of its own, its ids ride beside the dual teacher's: one array.
   txt_fn = lambda p, x: fwd.text(p, x[:, :tok.max_len], x[:, tok.max_len:] if ftok else None)

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mcad_jax import config_lib, curriculum, distill, losses
+from mcad_jax import config_lib, curriculum, losses
 from mcad_jax.models.fusion import ConvStem, FusionTeacher
 from mcad_jax.models.text import TextTransformer
 from mcad_jax.models.vit import ViT
+from mcad_jax.recipes import hard_columns
 
 
 def _log_softmax(x):
@@ -91,12 +92,12 @@ def test_hard_columns_validity_and_accuracy():
   batch = {"hn_true_valid": jnp.array([True, True, False]),
            "hn_relation_valid": jnp.array([True, True, True]),
            "hn_attribute_valid": jnp.array([True, False, True])}
-  valid, w = distill.hard_valid(batch)
+  valid, w = hard_columns.hard_valid(batch)
   np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 0], [0, 0, 0]])
   np.testing.assert_array_equal(w, [1, 1, 0])
   logits = jnp.array([[2.0, 1.0, 3.0], [1.0, 0.0, 9.0], [0.0, 5.0, 5.0]])
   # Wins: row 0 beats its relation twin, not its attribute twin; row 1 beats its one twin.
-  assert float(distill.hard_accuracy(logits, valid)) == pytest.approx(2 / 3)
+  assert float(hard_columns.hard_accuracy(logits, valid)) == pytest.approx(2 / 3)
 
 
 def test_curriculum_schedule():

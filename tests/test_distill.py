@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from configs import shapes
-from mcad_jax import checkpoint, distill, sharding, stages, train
+from mcad_jax import checkpoint, recipes, sharding, stages, train
 from mcad_jax.models.two_tower import l2_normalize
+from mcad_jax.recipes import graph, hard_columns, mcad
+from mcad_jax.recipes.heads import DistillHeads
 
 
 def _unit(rng, n, d):
@@ -17,35 +19,35 @@ def _unit(rng, n, d):
 def test_terms_vanish_when_student_equals_teacher():
   rng = np.random.default_rng(0)
   ti, tt = _unit(rng, 8, 16), _unit(rng, 8, 16)
-  nodes = distill.Nodes({"ti": ti, "tt": tt, "si": ti, "st": tt}, {"si": ti, "st": tt})
+  nodes = graph.Nodes({"ti": ti, "tt": tt, "si": ti, "st": tt}, {"si": ti, "st": tt})
   for edge in ("ti_si", "tt_st"):
-    assert float(distill.edge_loss(nodes, edge, "fd", 10.0, 0.1)) == pytest.approx(0, abs=1e-6)
-  for edge in distill.EDGES:
+    assert float(graph.edge_loss(nodes, edge, "fd", 10.0, 0.1)) == pytest.approx(0, abs=1e-6)
+  for edge in graph.EDGES:
     for kind in ("kl", "sd"):
-      assert float(distill.edge_loss(nodes, edge, kind, 10.0, 0.1)) == pytest.approx(0, abs=1e-5), (
+      assert float(graph.edge_loss(nodes, edge, kind, 10.0, 0.1)) == pytest.approx(0, abs=1e-5), (
           edge, kind)
   # A different student makes them positive.
-  other = distill.Nodes({"ti": ti, "tt": tt, "si": tt, "st": ti}, {"si": tt, "st": ti})
-  assert float(distill.edge_loss(other, "si_st", "kl", 10.0, 0.1)) > 1e-3
-  assert float(distill.edge_loss(other, "ti_si", "fd", 10.0, 0.1)) > 1e-3
+  other = graph.Nodes({"ti": ti, "tt": tt, "si": tt, "st": ti}, {"si": tt, "st": ti})
+  assert float(graph.edge_loss(other, "si_st", "kl", 10.0, 0.1)) > 1e-3
+  assert float(graph.edge_loss(other, "ti_si", "fd", 10.0, 0.1)) > 1e-3
 
 
 def test_teacher_sim_override_is_the_kl_target():
   rng = np.random.default_rng(1)
   ti, tt, si, st = (_unit(rng, 6, 8) for _ in range(4))
   target = jnp.asarray(rng.normal(size=(6, 6)), jnp.float32)
-  nodes = distill.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {}, teacher_sim=target)
+  nodes = graph.Nodes({"ti": ti, "tt": tt, "si": si, "st": st}, {}, teacher_sim=target)
   from mcad_jax import losses
 
   want = losses.kl_sim(si @ st.T, target, 0.2, tau_squared=False)
-  np.testing.assert_allclose(distill.edge_loss(nodes, "si_st", "kl", 1.0, 0.2), want, rtol=1e-6)
+  np.testing.assert_allclose(graph.edge_loss(nodes, "si_st", "kl", 1.0, 0.2), want, rtol=1e-6)
 
 
 def test_all_pairs_adds_itm_on_topk_only():
   rng = np.random.default_rng(2)
   v, t = _unit(rng, 5, 8), _unit(rng, 5, 8)
   sim = np.asarray(v @ t.T)
-  out = np.asarray(distill.mcad_teacher_sim(v, t, lambda r, c: jnp.ones(r.shape), 2.0, 2))
+  out = np.asarray(mcad.all_pairs_sim(v, t, lambda r, c: jnp.ones(r.shape), 2.0, 2))
   changed = ~np.isclose(out, sim)
   assert (changed.sum(axis=1) == 2).all()
   top2 = np.argsort(-sim, axis=1)[:, :2]
@@ -57,7 +59,7 @@ def test_mcad_modify_with_zero_alpha_is_identity():
   rng = np.random.default_rng(3)
   v, t, f = _unit(rng, 4, 8), _unit(rng, 4, 8), jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
   for combine in ("add", "gate"):
-    heads = distill.DistillHeads(8, 6, combine)
+    heads = DistillHeads(8, 6, combine)
     p = heads.init(jax.random.key(0), v, t, v, t, f)["params"]
     v2, t2 = heads.apply({"params": p}, v, t, f, 0.0, method=heads.modify)
     np.testing.assert_allclose(v2, v, atol=1e-6)
@@ -70,15 +72,15 @@ def test_edge_table_validation():
   cfg = shapes.get_config("smoke").distill
   cfg.edges = (("si_si", "infonce", 1.0),)
   with pytest.raises(ValueError, match="joins a node to itself"):
-    distill.edge_table(cfg)
+    recipes.edge_table(cfg)
   cfg.edges = (("xx_st", "kl", 1.0),)
   with pytest.raises(ValueError, match="unknown edge"):
-    distill.edge_table(cfg)
-  for recipe in distill.RECIPES:
+    recipes.edge_table(cfg)
+  for recipe in recipes.RECIPES:
     cfg.edges, cfg.recipe = (), recipe
-    assert distill.edge_table(cfg)
+    assert recipes.edge_table(cfg)
   cfg.recipe = "student_only"
-  assert not distill.uses_teacher(cfg)
+  assert not recipes.uses_teacher(cfg)
 
 
 # ----------------------------------------------------------------------------- with teachers
@@ -277,7 +279,7 @@ def test_hard_column_teacher_scores_add_the_itm_logit_at_its_weight():
   tout = {"v": jnp.asarray(v), "hard_t": jnp.asarray(hard_t), "hard_itm": jnp.asarray(itm),
           "scale": 7.0}
   for w in (0.0, 1.0, 2.5):
-    got = distill.teacher_hard_logits(tout, {}, None, None, True, w)
+    got = hard_columns.teacher_hard_logits(tout, {}, None, None, True, w)
     want = 7.0 * np.einsum("be,bce->bc", v, hard_t) + w * itm
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -4,7 +4,7 @@ One module per kind, all feeding the one train loop (`train.py`):
 - `dual`: a two-tower model on a contrastive loss (the dual teacher, or a
   student trained alone);
 - `fusion`: the single-stream teacher, on top of (by default frozen) dual towers;
-- `distill`: a student trained from frozen teachers by a recipe (`mcad_jax/distill.py`).
+- `distill`: a student trained from frozen teachers by a recipe (`mcad_jax/recipes/`).
 `common` holds the `Stage` record and what the kinds share; `teachers` the frozen
 teachers' forward passes (used by `distill` and the teacher-output cache).
 """

@@ -8,7 +8,8 @@ can be trained on the same binding signal the fusion teacher sees.
 
 from __future__ import annotations
 
-from mcad_jax import distill, losses
+from mcad_jax import losses
+from mcad_jax.recipes import hard_columns
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, tokenizer
 
 
@@ -25,16 +26,16 @@ def dual_stage(config, scfg, workdir: str, mesh) -> Stage:
     terms = {f"loss/{scfg.loss}": loss, "logit_scale": aux["logit_scale"]}
     if hard:
       enc = lambda ids: model.apply({"params": params}, ids, method=model.encode_text)[0]
-      g = distill.hard_logits(enc, zimg, batch, aux["logit_scale"])
-      valid, row_w = distill.hard_valid(batch)
+      g = hard_columns.hard_logits(enc, zimg, batch, aux["logit_scale"])
+      valid, row_w = hard_columns.hard_valid(batch)
       terms["loss/hard_softmax"] = losses.candidate_softmax(g, valid, row_w)
-      terms["hard_acc"] = distill.hard_accuracy(g, valid)
+      terms["hard_acc"] = hard_columns.hard_accuracy(g, valid)
       loss = loss + scfg.hard_label_weight * terms["loss/hard_softmax"]
     return loss, terms
 
   return Stage(
       init=lambda rng: model.init(rng, img, txt)["params"],
       loss_fn=loss_fn,
-      batch_keys=("image", "text") + (distill.HARD_KEYS if hard else ()),
+      batch_keys=("image", "text") + (hard_columns.HARD_KEYS if hard else ()),
       load_init=pretrained_init(config, scfg, model), tokenizer=tokenizer(config, scfg.model),
       evaluate=lambda params, mesh: eval_dual(config, model, params, mesh, scfg.report_as, scfg.model))

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 import jax
 
-from mcad_jax import distill
+from mcad_jax import recipes
 from mcad_jax.data import pipeline
 from mcad_jax.stages import common
 from mcad_jax.stages.common import abstract_params, dual_model, dummy_batch, restore_params, teacher_scale
@@ -22,7 +22,7 @@ def teacher_models(config, dcfg):
   """(dual teacher TwoTower, fusion FusionTeacher or None) from the named stages' configs."""
   dual = dual_model(config, config[dcfg.teachers.dual].model)
   fusion = None
-  if distill.needs_fusion(dcfg):
+  if recipes.needs_fusion(dcfg):
     fusion = fusion_model(config, config[dcfg.teachers.fusion])
   return dual, fusion
 
@@ -97,7 +97,7 @@ class TeacherFns:
 
 def teacher_fns(config, dcfg) -> TeacherFns:
   dual, fusion = teacher_models(config, dcfg)
-  with_fusion = fusion is not None and distill.needs_fusion(dcfg)
+  with_fusion = fusion is not None and recipes.needs_fusion(dcfg)
   share = with_fusion and fusion_shares_dual_towers(config, dcfg)
 
   def image(frozen, images):
