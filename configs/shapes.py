@@ -50,7 +50,7 @@ def get_config(arg: str = ""):
     # more captions per image, each scored by both teachers) a step costs ~2.5x a plain one.
     # RESULTS.md compares the recipes at 1500 steps (benchmarks/recipes.py --steps 1500).
     steps = dict(teacher=1500, fusion=3000, student=800)
-    # The fusion teacher that learns binding (DESIGN §6.3): its own CoordConv image tokens, word
+    # The fusion teacher that learns binding (docs/method.md): its own CoordConv image tokens, word
     # embeddings (not the bag-of-words-trained text tower's outputs), candidates competing in
     # one softmax (caption vs mined captions, canonical caption vs its twins), batch 64.
     fusion = dict(size="mu", depth=2, context="conv", text_source="embed", loss="softmax",

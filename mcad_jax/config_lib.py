@@ -100,7 +100,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       context="patches",     # image tokens: 'tokens', 'patches' (pre-transformer), 'both', or 'conv'
                              # (own CoordConv stem with 2D positions; models/fusion.py)
       text_source="tower",   # text tokens: the text tower's outputs ('tower') or word embeddings ('embed')
-      loss="itm",            # 'itm' (ALBEF: BCE per pair) or 'softmax' (candidates compete; DESIGN §6.3)
+      loss="itm",            # 'itm' (ALBEF: BCE per pair) or 'softmax' (candidates compete; docs/method.md)
       negatives=2,           # softmax loss: mined negatives per query (and extra twin-softmax columns)
       twin_weight=1.0,       # softmax loss: weight of the twin term (canonical caption vs its twins)
       curriculum=(),         # (until_step, max_objects, 'relation,attribute') phases; mcad_jax/curriculum.py
