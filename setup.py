@@ -18,6 +18,8 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10",
     "safetensors>=0.4",
+    # TensorBoard event files without TensorFlow (it needs numpy, packaging and protobuf only).
+    "tensorboardX==2.6.5",
     # Tokenizers: HF `tokenizers` runs them; CLIP's BPE also needs open_clip's cleaning (ftfy) and
     # word split (regex). The merge list itself comes with open-clip-torch or a checkpoint.
     "tokenizers>=0.22",
