@@ -164,7 +164,7 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   c.int8_io = False           # int8 files take uint8 pixels and give int8 embeddings (NPUs)
   c.onnx = True               # also student_{image,text}.onnx via jax2onnx
   c.batch_size = 1            # static batch of every exported graph
-  c.representative_examples = 1000  # training examples calibrating int8 (RESULTS.md, int8 ablation)
+  c.representative_examples = 1000  # training examples calibrating int8 (RESULTS.md, "int8 ablation")
   c.parity_examples = 256     # held-out test examples compared with JAX
   c.float_cosine_min = 0.999  # fp32 / fp16 / onnx: min cosine vs JAX below this fails the export
   # int8 files: made by the TF converter ('tf': per-tensor int8 activations) or by an

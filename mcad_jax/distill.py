@@ -63,7 +63,7 @@ DEFAULT_EDGES: dict[str, tuple[tuple[str, str, float], ...]] = {
                  ("st_st", "kl", 1.0)),
     # Modified-teacher KL both ways + feature distillation + the student's InfoNCE, plus the
     # interactive edges (student tower vs the other modified teacher tower). Without them MCAD
-    # lost to the student alone on shapes (RESULTS.md, "Making MCAD's defaults good").
+    # lost to the student alone on shapes (RESULTS.md, "What was tried").
     "mcad": (("si_st", "infonce", 1.0), ("si_st", "kl", 1.0), ("ti_si", "fd", 1.0),
              ("tt_st", "fd", 1.0), ("ti_st", "infonce", 0.5), ("tt_si", "infonce", 0.5)),
 }
