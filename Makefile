@@ -53,7 +53,7 @@ test-all: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q tests --runslow
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python -m benchmarks.train_step
 
 clean:
 	rm -rf workdirs

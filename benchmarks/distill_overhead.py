@@ -1,7 +1,7 @@
 """Distillation step time / student-alone step time, online teachers vs the teacher cache.
 
-  python benchmarks/distill_overhead.py [--steps 30] [--write]
-  python benchmarks/distill_overhead.py --variant paper_t6 --batch 16 --steps 10 [--write]
+  python -m benchmarks.distill_overhead [--steps 30] [--write]
+  python -m benchmarks.distill_overhead --variant paper_t6 --batch 16 --steps 10 [--write]
 
 Same student, batch and machine, in one run: the student trained alone,
 MCAD with the teachers run online inside the step (dual teacher + fusion
@@ -22,10 +22,8 @@ With --write the table replaces the section between the markers in BENCHMARKS.md
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
@@ -124,7 +122,7 @@ def main():
   base = ms["student alone"]
   flags = "".join(f" --{k} {v}" for k, v in (("variant", args.variant), ("batch", args.batch))
                   if v and v != "demo")
-  lines = [f"`python benchmarks/distill_overhead.py{flags} --steps {args.steps} --write` on "
+  lines = [f"`python -m benchmarks.distill_overhead{flags} --steps {args.steps} --write` on "
            f"{platform.machine()}, {os.cpu_count()} cores, 1 CPU device, jax {jax.__version__}. "
            f"Student `{config.distill.model.image}` + `{config.distill.model.text}` text at "
            f"{config.data.image_size} px, teachers "

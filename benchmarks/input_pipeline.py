@@ -1,6 +1,6 @@
 """Input pipeline ÷ train step on the demo config: can the pipeline feed the step?
 
-  python benchmarks/input_pipeline.py [--batches=30] [--steps=10] [--write]
+  python -m benchmarks.input_pipeline [--batches=30] [--steps=10] [--write]
 
 Measured in one run, one process, on the demo's distill stage (`configs/shapes.py`: the MCAD
 student with hard columns and online teachers from the shipped weights, batch 128):
@@ -18,10 +18,8 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import platform  # noqa: E402
@@ -66,7 +64,7 @@ def main():
   step = bench.step_throughput(config, "distill", args.steps, batch, stage, mesh)["examples_per_s"]
   d = config.distill
   body = [
-      f"`python benchmarks/input_pipeline.py --config={args.config} --batches={args.batches} "
+      f"`python -m benchmarks.input_pipeline --config={args.config} --batches={args.batches} "
       f"--steps={args.steps} --write` on {platform.machine()}, {os.cpu_count()} cores, 1 CPU "
       f"device, jax {jax.__version__}: the demo's distill stage ({d.recipe}, hard columns "
       f"{'on' if d.hard_columns else 'off'}, teachers {'cached' if d.cache else 'online'}), batch "

@@ -1,6 +1,6 @@
 """int8 parity of a trained student's encoders: LayerNorm variance form x calibration size.
 
-  python benchmarks/int8_ablation.py --workdir workdirs/demo [--write]
+  python -m benchmarks.int8_ablation --workdir workdirs/demo [--write]
 
 Converts the student of a finished workdir to full-int8 TFLite four ways, with
 the exported graph traced with one-pass or two-pass LayerNorm variance
@@ -12,17 +12,13 @@ With --write the table goes into RESULTS.md.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
-import sys
+import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import tempfile  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import numpy as np
 
 
 def main():
@@ -66,7 +62,7 @@ def main():
           p = stage.parity(ref[enc], runtime.TFLiteEncoder(path)(held[enc]))
           row += [p["cosine_min"], p["cosine_mean"]]
         rows.append(row)
-  lines = [f"`python benchmarks/int8_ablation.py --workdir {args.workdir} --write`: full-int8 TFLite vs "
+  lines = [f"`python -m benchmarks.int8_ablation --workdir {args.workdir} --write`: full-int8 TFLite vs "
            "JAX on 256 held-out test examples, the student of that workdir.",
            "",
            "| LayerNorm variance in the graph | calibration examples | image min cos | image mean cos "

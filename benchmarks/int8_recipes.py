@@ -1,6 +1,6 @@
 """int8 recipes for a trained student's encoders: parity with JAX, retrieval and latency per recipe.
 
-  python benchmarks/int8_recipes.py --workdir workdirs/demo [--recipes tf_int8 a8w8 a16w8] [--write]
+  python -m benchmarks.int8_recipes --workdir workdirs/demo [--recipes tf_int8 a8w8 a16w8] [--write]
 
 Quantizes the float TFLite encoders of a finished export stage (W/export/
 student_{image,text}_fp32.tflite) with each recipe of `export/quantize.py`
@@ -14,18 +14,14 @@ into RESULTS.md (section "int8 recipes").
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import argparse  # noqa: E402
-import tempfile  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from benchmarks.report import median_ms  # noqa: E402
+from benchmarks.report import median_ms
 
 
 def main():
@@ -83,7 +79,7 @@ def main():
       row["di2t"], row["dt2i"] = m["i2t_r1"] - base["i2t_r1"], m["t2i_r1"] - base["t2i_r1"]
       rows.append(row)
       print(row, flush=True)
-  lines = [f"`python benchmarks/int8_recipes.py --workdir {args.workdir} --write`: each recipe vs JAX "
+  lines = [f"`python -m benchmarks.int8_recipes --workdir {args.workdir} --write`: each recipe vs JAX "
            f"on 256 held-out test examples (cosine), R@1 change vs the JAX student on the whole test "
            f"set (JAX: i2t {base['i2t_r1']:.1f}, t2i {base['t2i_r1']:.1f}), size, and LiteRT "
            "latency at 1 thread (median, batch 1), calibrated on the same "

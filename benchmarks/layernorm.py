@@ -1,6 +1,6 @@
 """LayerNorm variance, one pass vs two passes: train-step time of the demo teacher, same run.
 
-  python benchmarks/layernorm.py [--reps 15] [--write]
+  python -m benchmarks.layernorm [--reps 15] [--write]
 
 Times jit(grad(InfoNCE)) of the `configs/shapes.py` demo teacher at batch 128 on
 1 CPU device, once with flax's one-pass variance (training's choice) and once
@@ -11,10 +11,8 @@ alternating twice. With --write the table goes into BENCHMARKS.md.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -55,7 +53,7 @@ def main():
   ap.add_argument("--write", action="store_true")
   args = ap.parse_args()
   rows = [(step_ms(False, args.reps), step_ms(True, args.reps)) for _ in range(2)]
-  lines = [f"`python benchmarks/layernorm.py --reps {args.reps} --write` on {platform.machine()}, "
+  lines = [f"`python -m benchmarks.layernorm --reps {args.reps} --write` on {platform.machine()}, "
            f"{os.cpu_count()} cores, 1 CPU device, jax {jax.__version__}: demo teacher "
            "(`nano/16` + `mu`), batch 128, median ms per jit(grad) step; the two forms alternate.",
            "",

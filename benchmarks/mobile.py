@@ -1,7 +1,7 @@
 """On-device costs of the exported student: LiteRT beside ONNX Runtime, at 1 and 4 threads.
 
-  python benchmarks/mobile.py --workdir workdirs/demo [--reps 200] [--threads 1 4] [--write]
-  python benchmarks/mobile.py --workdir workdirs/paper_t2 --reps 30 --write --section mobile_paper
+  python -m benchmarks.mobile --workdir workdirs/demo [--reps 200] [--threads 1 4] [--write]
+  python -m benchmarks.mobile --workdir workdirs/paper_t2 --reps 30 --write --section mobile_paper
 
 For the encoders of a finished export stage (W/export/), one run, same inputs:
 - text-query latency (tokenize + encode) and image-encode latency, median of single-example
@@ -24,21 +24,18 @@ the tables replace the section between the markers in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-from benchmarks.report import cpu_words, median_ms, medians_in_turns  # noqa: E402
+from benchmarks.report import cpu_words, median_ms, medians_in_turns
 
 QUERY = "a large red circle to the left of a small blue square"
 GALLERY = 100_000
@@ -164,14 +161,15 @@ def main():
                                       "stream": lambda i=streamed: i.search(q, 10)},
                                      max(20, args.reps // 4))
   rss = {fmt: json.loads(subprocess.run(
-      [sys.executable, __file__, "--workdir", args.workdir, "--child", fmt, "--gallery", gallery],
+      [sys.executable, "-m", "benchmarks.mobile", "--workdir", args.workdir, "--child", fmt,
+       "--gallery", gallery],
       capture_output=True, text=True, check=True).stdout)["peak_rss_mib"]
       for fmt in ("text", "stream", "both", "none")}
   shutil.rmtree(tmp)  # ORT's int8 files and the 100k gallery.
 
   name = lambda e: f"{'LiteRT' if e[0] == 'litert' else 'ONNX Runtime'} {e[1]}"
   lines = [
-      f"`python benchmarks/mobile.py --workdir {args.workdir} --reps {args.reps} --threads "
+      f"`python -m benchmarks.mobile --workdir {args.workdir} --reps {args.reps} --threads "
       f"{' '.join(map(str, args.threads))}{'' if args.section == 'mobile' else ' --section ' + args.section}"
       f" --write` on {platform.machine()} ({cpu_words()}), {os.cpu_count()} cores (not a "
       f"phone); median of "

@@ -1,6 +1,6 @@
 """Search at scale: top-10 over a 1M gallery on one core, our index beside faiss-cpu, same run.
 
-  python benchmarks/search.py [--n 1000000] [--dim 64] [--queries 100] [--reps 20] [--write]
+  python -m benchmarks.search [--n 1000000] [--dim 64] [--queries 100] [--reps 20] [--write]
 
 A gallery of `n` random unit vectors of the student's embedding width, and
 `queries` queries of two kinds: random unit vectors (the hardest case for
@@ -25,7 +25,6 @@ import sys
 
 for _v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
   os.environ[_v] = "1"  # One core, set before numpy and faiss load their thread pools.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -140,7 +139,7 @@ def main():
     for dt in ("int8", "fp16"):
       index.Index.build(g, dt).save(os.path.join(tmp, f"g_{dt}.idx"))
     del g
-    base = json.loads(subprocess.run([sys.executable, __file__, "--child", "none", tmp],
+    base = json.loads(subprocess.run([sys.executable, "-m", "benchmarks.search", "--child", "none", tmp],
                                      capture_output=True, text=True, check=True).stdout)
     fns = {name: make(name, tmp) for name in SEARCHERS}
     for name, fn in fns.items():
@@ -156,7 +155,7 @@ def main():
         rows[name]["ts"].append(time.perf_counter() - t)
     del fns
     for name, r in rows.items():
-      rss = json.loads(subprocess.run([sys.executable, __file__, "--child", name, tmp],
+      rss = json.loads(subprocess.run([sys.executable, "-m", "benchmarks.search", "--child", name, tmp],
                                       capture_output=True, text=True, check=True).stdout)
       r["ms"], r["mib"] = 1e3 * float(np.median(r.pop("ts"))), rss["peak_rss_mib"] - base["peak_rss_mib"]
       print(name, r, flush=True)
@@ -169,7 +168,7 @@ def main():
           "ours_int8_numpy": "ours, int8 file, numpy fallback",
           "ours_fp16_faiss": "ours, fp16 file, via faiss",
           "faiss_flat": "faiss IndexFlatIP, float32", "faiss_sq8": "faiss IndexScalarQuantizer QT_8bit"}
-  lines = [f"`python benchmarks/search.py --n {args.n} --dim {args.dim} --queries {args.queries} "
+  lines = [f"`python -m benchmarks.search --n {args.n} --dim {args.dim} --queries {args.queries} "
            f"--reps {args.reps} --write` on {platform.machine()} ({os.cpu_count()} cores, shared, "
            f"one thread used), faiss-cpu {faiss.__version__}: {args.n:,} random unit vectors of width "
            f"{args.dim}, top-10 of one query at a time (median of {args.reps}, the searchers taking "

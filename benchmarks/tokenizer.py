@@ -1,6 +1,6 @@
 """Tokenizer throughput (captions/s) beside the demo train step's consumption (examples/s).
 
-  python benchmarks/tokenizer.py [--captions=5000] [--steps=20] [--write]
+  python -m benchmarks.tokenizer [--captions=5000] [--steps=20] [--write]
 
 Measured in one run, on the demo's own training captions (`shapes`, generated):
 - our tokenizers (`mcad_jax/data/tokenizer.py`: HF `tokenizers` plus our fixed-length
@@ -19,16 +19,12 @@ With --write the table replaces the section between the markers in BENCHMARKS.md
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import platform
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-
-from benchmarks import report, train_step  # noqa: E402
+from benchmarks import report, train_step
 
 
 def rate(fn, texts, reps: int = 3) -> float:
@@ -85,7 +81,7 @@ def main():
       config.distill.hard_columns = False     # and no hard columns: the fastest step to feed.
     steps[name] = train_step.step_throughput(config, name, args.steps)["examples_per_s"]
   fastest = max(steps.values())
-  body = [f"`python benchmarks/tokenizer.py --captions={args.captions} --steps={args.steps} --write` "
+  body = [f"`python -m benchmarks.tokenizer --captions={args.captions} --steps={args.steps} --write` "
           f"on {platform.machine()}, {os.cpu_count()} cores: {len(texts)} demo training captions "
           f"(`shapes`, WordPiece length {L}, CLIP 77); one process, best of 3. Train steps: "
           "`configs/shapes.py:demo` on one CPU device, fixed batch.",

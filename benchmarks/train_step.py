@@ -1,7 +1,7 @@
 """Train-step throughput, an MFU ratio on this machine, and state memory vs mesh size.
 
-  python benchmarks/train_step.py [--config=configs/shapes.py] [--steps=30] [--write]
-  python benchmarks/train_step.py --config=configs/coco.py --dtype=bfloat16 --batch 128 256 512 \
+  python -m benchmarks.train_step [--config=configs/shapes.py] [--steps=30] [--write]
+  python -m benchmarks.train_step --config=configs/coco.py --dtype=bfloat16 --batch 128 256 512 \
       --matmul-n=8192   # on a GPU: the largest batch that fits is the last row that is not OOM
 
 Measured in one run:
@@ -22,10 +22,8 @@ With --write the table replaces the section between the markers in BENCHMARKS.md
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -221,7 +219,7 @@ def main():
       "configs/coco.py": memory_by_mesh(load_config("configs/coco.py"), "teacher")}
 
   lines = [
-      f"Measured by `python benchmarks/train_step.py --config={args.config} --stage={args.stage} "
+      f"Measured by `python -m benchmarks.train_step --config={args.config} --stage={args.stage} "
       f"--steps={args.steps} --dtype={args.dtype} --matmul-n={args.matmul_n}"
       f"{' --batch ' + ' '.join(map(str, args.batch)) if args.batch else ''}"
       f"{''.join(' --set ' + x for x in args.set)}{' --no-mesh-memory' if args.no_mesh_memory else ''}"

@@ -42,26 +42,22 @@ def get_config(arg: str = ""):
     c.data.image_size, c.data.text_len = 64, 24
     # 16 px patches on a 4x4 object grid: one object per patch at most.
     teacher = cl.model_config("nano/16", "mu", 128)
-    # The student reads where things are linearly (ViT and text 'moments' pooling:
-    # RESULTS.md, "Binding"); ln_pre (as in CLIP) keeps its int8 image encoder close to float.
-    # 128-d embeddings: at 1500 steps (3 seeds) MCAD is no worse than at 64-d (means a little
-    # higher, inside the seed spread) and meets issue 11's targets against the same student
-    # trained alone, which is weaker at 128-d than at 64 (RESULTS.md, "Does the student inherit
-    # it?"). A phone stores 128 bytes per int8 gallery image.
+    # The student reads where things are linearly (ViT and text 'moments' pooling; docs/method.md);
+    # ln_pre (as in CLIP) keeps its int8 image encoder close to float. 128-d: MCAD is no worse
+    # than at 64-d (RESULTS.md, "What was tried"); a phone stores 128 bytes per int8 gallery image.
     student = cl.model_config("mu/16", "mu", 128, pool="moments", image_kw={"ln_pre": True},
                               text_kw={"pool": "moments"})
-    # The student's 800 steps keep `make demo` under 15 minutes: with the hard columns (three
-    # more captions per image, each scored by both teachers) a step costs ~2.5x a plain one.
-    # RESULTS.md compares the recipes at 1500 steps (benchmarks/recipes.py --steps 1500).
+    # The student's 800 steps keep `make demo` under 15 minutes: with the hard columns a step
+    # costs ~2.5x a plain one. RESULTS.md compares the recipes at 1500 steps.
     steps = dict(teacher=1500, fusion=3000, student=800)
-    # The fusion teacher that learns binding (DESIGN §6.3): its own CoordConv image tokens, word
+    # The fusion teacher that learns binding (docs/method.md): its own CoordConv image tokens, word
     # embeddings (not the bag-of-words-trained text tower's outputs), candidates competing in
     # one softmax (caption vs mined captions, canonical caption vs its twins), batch 64.
     fusion = dict(size="mu", depth=2, context="conv", text_source="embed", loss="softmax",
                   negatives=2, rerank_k=10)
     batch, lr, fusion_batch = 128, 1e-3, 64
-    # The student's learning rate: 2e-3, twice the teachers' (their 1e-3 until issue 11's sweep:
-    # RESULTS.md, "The student's learning rate").
+    # The student's learning rate, twice the teachers': the best of 5e-4 / 1e-3 / 2e-3 for the
+    # student alone, and MCAD gains more from it (RESULTS.md, "What was tried").
     student_lr = 2e-3
     c.log_every, c.ckpt_every = 50, 250
   elif variant == "smoke":
@@ -89,17 +85,12 @@ def get_config(arg: str = ""):
                                       batch_size=batch, lr=student_lr,
                                       warmup_steps=warm(steps["student"]))
   c.distill.hard_columns = True
-  # The ground truth over the hard columns (canonical caption vs its twins) on top of each
-  # teacher's KL, weighted 2 (chosen with the student at 1e-3 and the hard KL at 1): at 1 the
-  # MCAD student learned colour binding but not relations; at 4 it took relations in but lost
-  # 25 RSUM to CLIP-KD; at 2 (1500 steps, 3 seeds) it keeps relations and colour and matches
-  # CLIP-KD's RSUM (RESULTS.md, "Does the student inherit it?"). Our addition to the recipes,
-  # not the papers'; 0 restores the KL alone, and then (with the hard KL at 3, below) MCAD's KL
-  # carries binding by itself (CLIP-KD's does not).
+  # The ground truth over the hard columns on top of each teacher's KL (our addition, not the
+  # papers'; docs/method.md): 2 kept relations and colour at CLIP-KD's RSUM, where 1 taught colour
+  # only and 4 cost 25 RSUM (RESULTS.md, "What was tried"). 0 leaves MCAD's KL alone.
   c.distill.hard_label_weight = 2.0
-  # The KL over the hard columns, weighted 3 for every recipe: at 1 (and the student at 2e-3)
-  # MCAD's student took relations in at three seeds of five and stayed at chance at two; at 3
-  # it takes them at every seed, for some retrieval (RESULTS.md, "Does the student inherit it?").
+  # The KL over the hard columns, 3 for every recipe: MCAD's student then takes relations in at
+  # every seed, where at 1 it did at three of five (RESULTS.md, "Recipes at 1500 steps").
   c.distill.hard_weight = 3.0
   c.export = cl.export_stage_config("distill")
   if variant == "teachers":

@@ -3,7 +3,7 @@
 The image and text encoders are separate files: a phone indexes its gallery
 offline with the image encoder and encodes queries online with the text one.
 Every graph has a static batch (polymorphic shapes do not lower to TFLite
-builtins, DESIGN §5) and the converter is held to TFLITE_BUILTINS, so an op
+builtins, docs/stack.md) and the converter is held to TFLITE_BUILTINS, so an op
 without a builtin kernel fails the conversion instead of pulling in Flex ops.
 """
 

@@ -193,7 +193,6 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
     files, encoders = _convert_all(ecfg, out, fns, specs, sm_dir, calib, ref, held)
 
   failed = []
-  failed = []
   for f, r in files.items():
     why = _check(ecfg, r["format"], r)
     r["below_floor"] = why is not None

@@ -14,7 +14,7 @@ TPU_NAME=${TPU_NAME:-mcad}
 ZONE=${ZONE:-us-central2-b}
 ACCEL=${ACCEL:-v4-8}                  # v4-8, v4-32, v5litepod-8, v5litepod-16, v5p-8, v5p-32, ...
 VERSION=${VERSION:-}                  # TPU VM software version; default picked from ACCEL below
-SPOT=${SPOT:-0}                       # 1 = spot capacity (preemptible; the run resumes, see README)
+SPOT=${SPOT:-0}                       # 1 = spot capacity (preemptible; the run resumes, see launch/README.md)
 REPO=${REPO:-}                        # git URL of your mcad_jax clone (required by install)
 BRANCH=${BRANCH:-main}
 BUCKET=${BUCKET:-}                    # GCS bucket mounted at /mnt/gcs on every host (shared workdir)

@@ -110,7 +110,7 @@ def fusion_stage_config(model: ml_collections.ConfigDict, *, towers_from: str, *
       context="patches",     # image tokens: 'tokens', 'patches' (pre-transformer), 'both', or 'conv'
                              # (own CoordConv stem with 2D positions; models/fusion.py)
       text_source="tower",   # text tokens: the text tower's outputs ('tower') or word embeddings ('embed')
-      loss="itm",            # 'itm' (ALBEF: BCE per pair) or 'softmax' (candidates compete; DESIGN §6.3)
+      loss="itm",            # 'itm' (ALBEF: BCE per pair) or 'softmax' (candidates compete; docs/method.md)
       negatives=2,           # softmax loss: mined negatives per query (and extra twin-softmax columns)
       twin_weight=1.0,       # softmax loss: weight of the twin term (canonical caption vs its twins)
       curriculum=(),         # (until_step, max_objects, 'relation,attribute') phases; mcad_jax/curriculum.py
@@ -178,7 +178,7 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   c.int8_io = False           # int8 files take uint8 pixels and give int8 embeddings (NPUs)
   c.onnx = True               # also student_{image,text}.onnx via jax2onnx
   c.batch_size = 1            # static batch of every exported graph
-  c.representative_examples = 1000  # training examples calibrating int8 (RESULTS.md, int8 ablation)
+  c.representative_examples = 1000  # training examples calibrating int8 (RESULTS.md, "int8 ablation")
   c.parity_examples = 256     # held-out test examples compared with JAX
   c.float_cosine_min = 0.999  # fp32 / fp16 / onnx: min cosine vs JAX below this fails the export
   # int8 files: made by the TF converter ('tf': per-tensor int8 activations) or by an

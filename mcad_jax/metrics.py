@@ -1,7 +1,8 @@
-"""Run logging: a JSON-lines metrics file, a progress line with throughput and ETA.
+"""Run logging: a JSON-lines metrics file, TensorBoard scalars, a progress line with throughput and ETA.
 
 Only process 0 writes; other processes get a writer that drops everything, so
-call sites need no `if process_index() == 0`.
+call sites need no `if process_index() == 0`. TensorBoard event files come from
+`tensorboardX`, which needs neither TensorFlow nor the tensorboard package.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class MetricWriter:
     if self.enabled:
       os.makedirs(os.path.dirname(path), exist_ok=True)
       if tensorboard_dir:
-        from mcad_jax.tensorboard import SummaryWriter
+        from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(tensorboard_dir)
 
@@ -71,8 +72,10 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(json.dumps(rec) + "\n")
     if self.tb is not None and "step" in rec:
-      self.tb.scalars(int(rec["step"]), {k: v for k, v in rec.items()
-                                         if k != "step" and isinstance(v, (int, float))})
+      for k, v in rec.items():
+        if k != "step" and isinstance(v, (int, float)):
+          self.tb.add_scalar(k, float(v), int(rec["step"]))
+      self.tb.flush()
 
   def close(self) -> None:
     if self.tb is not None:

@@ -21,8 +21,8 @@ def tiny(tmp_path_factory):
 
   config = shapes.get_config("smoke")
   # [CLS] text pooling: the old TF full-integer recipe (tested here for the bounded mask) cannot
-  # carry the smoke student's positional-moment pooling (min cosine ~0.3; RESULTS.md, the demo's
-  # int8 row). The moments student is exported with the default recipe in the smoke pipeline test.
+  # carry the smoke student's positional-moment pooling (min cosine ~0.3; RESULTS.md, "What was
+  # tried"). The moments student is exported with the default recipe in the smoke pipeline test.
   config.distill.model.text_kw.pool = "cls"
   model = stages.dual_model(config, config.distill.model)
   img, txt = stages.dummy_batch(config)

@@ -151,7 +151,7 @@ def test_export_cli_rejects_a_bad_workdir(tmp_path):
 
 
 def test_tensorboard_scalars_match_metrics_jsonl(uninterrupted):
-  """The hand-written event files read back with TensorFlow's own reader."""
+  """tensorboardX's event files read back with TensorFlow's own reader."""
   import tensorflow as tf
 
   w, _ = uninterrupted

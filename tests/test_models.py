@@ -1,4 +1,4 @@
-"""Every registered size builds; towers follow the export rules of DESIGN §5."""
+"""Every registered size builds; towers follow the export rules of docs/stack.md."""
 
 import jax
 import jax.numpy as jnp

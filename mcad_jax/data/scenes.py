@@ -168,14 +168,14 @@ HELDOUT = HeldOut(
 # The named datasets. The TFDS builder (shapes_builder.py) writes these; `data.source='generate'`
 # reads the same examples straight from the generator (no TensorFlow, nothing prepared).
 VARIANTS = {
-    # The demo's dataset. Harder perception than the DESIGN §6.1 prototype
-    # (more, closer colours; more shapes; jitter and clutter), a 5k test set.
+    # The demo's dataset. Harder perception than the first prototype's
+    # (more, closer colours; more shapes; jitter and clutter), a 5k test set; docs/dataset.md.
     # Validation is the size of test (5k x 5 captions, twins included), from its own stream of
     # (seed, split, index): every setting is chosen there, and test is only reported.
     "default": Variant(default_spec(),
                        "64 px, 12 colours, 8 shapes, 1-4 objects, 60k train, 5k validation, 5k test.",
                        sizes=(("train", 60_000), ("validation", 5_000), ("test", 5_000))),
-    # The DESIGN §6.1 prototype, for reference.
+    # The first prototype's dataset, for reference (docs/dataset.md).
     "easy": Variant(SceneSpec(), "48 px, 8 colours, 6 shapes, 1-3 objects in a 3x3 grid, 50k train, "
                     "1k test."),
     # The demo's data with compositions held out of train (HELDOUT): does a student bind, or

@@ -7,7 +7,7 @@ text self-attention + cross-attention to the image tokens. The output at the
 image-text match logit.
 
 Where the tokens come from is configurable, because it decides whether the
-teacher can learn binding ("which colour is where"; DESIGN §6.3):
+teacher can learn binding ("which colour is where"; docs/method.md):
 - image (`context`): the ViT's output `tokens`, its position-embedded `patches`,
   `both`, or `conv`: the fusion teacher's own small conv stem on RGB plus x/y
   coordinate channels (CoordConv), pooled to the patch grid, with learned 2D
@@ -60,7 +60,7 @@ class ConvStem(nn.Module):
   Convs 4x4/4, 3x3/2, 3x3/2 (16x down, so one token per 16 px cell, like a /16
   ViT's grid) on RGB plus two coordinate channels in [-1, 1]; the coordinates let
   every filter know where it is (Liu et al. 2018), which plain convs and linear
-  patches learn slowly or not at all (DESIGN §6.3).
+  patches learn slowly or not at all (docs/method.md, "The teachers").
   """
 
   width: int

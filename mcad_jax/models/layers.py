@@ -1,6 +1,6 @@
 """Transformer building blocks shared by every tower, written to export cleanly.
 
-Export rules from DESIGN §5, each found by a failed conversion:
+Export rules from docs/stack.md, each found by a failed conversion:
 - GELU uses the tanh approximation (exact erf adds ~45 TFLite ops per layer and
   its int8 model crashed the interpreter);
 - the attention mask is bounded: masked logits get `MASK_FILL` (-30), never

@@ -1,4 +1,4 @@
-"""Transformer text tower: WordPiece ids in, [CLS]-pooled features and tokens out."""
+"""Transformer text tower: token ids in (WordPiece or CLIP BPE), pooled features and tokens out."""
 
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def size_kwargs(variant: str) -> dict[str, int]:
 
 
 def build(cfg, vocab_size: int, text_len: int) -> TwoTower:
-  """TwoTower from a model ConfigDict (see configs/common.py: model_config)."""
+  """TwoTower from a model ConfigDict (see mcad_jax/config_lib.py: model_config)."""
   if "/" not in cfg.image:
     raise ValueError(f"model.image must be 'SIZE/PATCH' (e.g. 'S/16'), got {cfg.image!r}")
   image = {**size_kwargs(cfg.image), "pool": cfg.pool, "mean": tuple(cfg.mean),

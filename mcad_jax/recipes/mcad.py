@@ -23,7 +23,7 @@ from mcad_jax import losses
 
 # Modified-teacher KL both ways + feature distillation + the student's InfoNCE, plus the
 # interactive edges (student tower vs the other modified teacher tower). Without them MCAD
-# lost to the student alone on shapes (RESULTS.md, what was tried).
+# lost to the student alone on shapes (RESULTS.md, "What was tried").
 EDGES = (("si_st", "infonce", 1.0), ("si_st", "kl", 1.0), ("ti_si", "fd", 1.0),
          ("tt_st", "fd", 1.0), ("ti_st", "infonce", 0.5), ("tt_si", "infonce", 0.5))
 MODES = ("matched", "all_pairs")

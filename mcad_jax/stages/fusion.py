@@ -120,7 +120,7 @@ def fusion_stage(config, scfg, workdir: str, mesh) -> Stage:
     return itm + itc_term(zimg, ztxt, aux, terms), terms
 
   def softmax_loss(params, batch, rng, frozen, step=None):
-    """Candidates compete in one softmax per query (DESIGN §6.3).
+    """Candidates compete in one softmax per query (docs/method.md, "The teachers").
 
     image -> [its caption, k mined captions]; caption -> [its image, k mined images];
     and, on `shapes`, image -> [its canonical caption, relation twin, attribute twin,
