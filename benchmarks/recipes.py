@@ -1,6 +1,6 @@
 """Every distillation recipe on `shapes`, same student, budget and teachers, 3 seeds -> RESULTS.md.
 
-  python benchmarks/recipes.py [--teachers shipped] [--seeds 0 1 2] [--steps N] [--write]
+  python -m benchmarks.recipes [--teachers shipped] [--seeds 0 1 2] [--steps N] [--write]
 
 The teachers are the ones shipped in mcad_jax/weights/shapes (`--teachers shipped`, the
 default: evaluated once into --out/teachers), or the `teacher` and `fusion_teacher` stages of a
@@ -13,17 +13,14 @@ With --write the table replaces the section between the markers in RESULTS.md.
 
 from __future__ import annotations
 
+import argparse
+import copy
+import json
 import os
 import sys
+import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import argparse  # noqa: E402
-import copy  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 COLS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
 # Rows: (name, recipe, distill overrides). Every distilling recipe gets the same hard columns
@@ -107,7 +104,7 @@ def command_line(args, sweep: bool) -> str:
   flags += [f"--set {x}" for x in args.set]
   flags += [f"--out {args.out}"] if args.out != OUT else []
   flags += [] if sweep else ["--write"]
-  return "python benchmarks/recipes.py " + " ".join(flags)
+  return "python -m benchmarks.recipes " + " ".join(flags)
 
 
 def fmt(xs):

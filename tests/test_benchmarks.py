@@ -47,7 +47,7 @@ def test_recipes_header_gives_the_command_that_reproduces_the_table():
   args = argparse.Namespace(teachers="shipped", seeds=[0, 1], steps=1500, recipes=["mcad"],
                             set=["model.embed_dim=128"], out="workdirs/wide")
   line = command_line(args, sweep=True)
-  assert line == ("python benchmarks/recipes.py --teachers shipped --seeds 0 1 --steps 1500 "
+  assert line == ("python -m benchmarks.recipes --teachers shipped --seeds 0 1 --steps 1500 "
                   "--recipes mcad --set model.embed_dim=128 --out workdirs/wide")
   args.recipes, args.set, args.out = None, [], OUT
   assert command_line(args, sweep=False).endswith("--seeds 0 1 --steps 1500 --write")
