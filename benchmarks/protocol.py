@@ -128,7 +128,7 @@ def negclip_ready(out: str) -> bool:
           or os.path.exists(os.path.join(out, "teachers_negclip", "teacher", "done.json")))
 
 
-def config_for(run: Run, out: str, steps: int = STEPS):
+def config_for(run: Run, out: str, steps: int = STEPS, source: str = "tfds"):
   from configs import shapes
 
   c = shapes.get_config("demo")
@@ -138,6 +138,7 @@ def config_for(run: Run, out: str, steps: int = STEPS):
     c.teacher.weights = negclip_weights(out)
   c.distill.recipe = recipe
   c.distill.cache = True
+  c.data.source = source  # 'generate': no TensorFlow (a GPU image); the same examples.
   c.distill.steps = steps
   c.distill.optim.warmup_steps = min(c.distill.optim.warmup_steps, max(1, steps // 15))
   c.seed = run.seed
@@ -208,7 +209,7 @@ def _drain(runs: list[Run], args) -> None:
   for r in _mine(runs, args.worker, args.workers):
     if result(r, args.out) is None and (r.dual != "negclip" or negclip_ready(args.out)):
       t0 = time.time()
-      _run(config_for(r, args.out, args.steps), r.workdir(args.out))
+      _run(config_for(r, args.out, args.steps, args.data_source), r.workdir(args.out))
       print(f"protocol: {r.workdir(args.out)} done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
@@ -323,6 +324,8 @@ def main(argv=None):
   ap.add_argument("--steps", type=int, default=STEPS)
   ap.add_argument("--criterion", choices=CRITERIA, default="rsum+hn")
   ap.add_argument("--duals", nargs="+", choices=DUALS, default=list(DUALS))
+  ap.add_argument("--data_source", choices=("tfds", "generate"), default="tfds",
+                  help="'generate': scenes straight from the generator, no TensorFlow (GPU images)")
   ap.add_argument("--workers", type=int, default=1)
   ap.add_argument("--worker", type=int, default=0)
   ap.add_argument("--write", action="store_true", help="table: write it into RESULTS.md")
