@@ -194,10 +194,10 @@ def test_runs(out: str, criterion: str, duals=DUALS) -> list[Run]:
 
 
 def _run(config, workdir: str) -> dict:
-  from mcad_jax import config_lib, sharding, train
+  from mcad_jax import config_lib, run, sharding
 
   config_lib.validate(config)
-  return train.run_stages(config, workdir, sharding.make_mesh(config.mesh))
+  return run.run_stages(config, workdir, sharding.make_mesh(config.mesh))
 
 
 def _mine(runs: list[Run], worker: int, workers: int) -> list[Run]:

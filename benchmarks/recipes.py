@@ -34,11 +34,11 @@ ROWS = (("student_only", "student_only", {"hard_columns": False}),
 
 
 def run(config, workdir):
-  from mcad_jax import config_lib, sharding, train
+  from mcad_jax import config_lib, run, sharding
 
   config_lib.validate(config)
   mesh = sharding.make_mesh(config.mesh)
-  return train.run_stages(config, workdir, mesh)
+  return run.run_stages(config, workdir, mesh)
 
 
 def recipe_config(base_arg: str, teachers: str, recipe: str, seed: int, steps: int | None):

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   logging.basicConfig(level=logging.INFO, format="[export] %(message)s")
 
-  from mcad_jax import checkpoint, config_lib, fileio, train, workdir_lock
+  from mcad_jax import checkpoint, config_lib, fileio, run, train, workdir_lock
   from mcad_jax.data import pipeline
 
   workdir = os.path.abspath(args.workdir)
@@ -75,8 +75,8 @@ def main(argv=None) -> int:
   if os.path.exists(done):
     os.remove(done)
   try:
-    rec = train.export_stage(config, "export", workdir)
-  except (train.StageFailed, OSError, checkpoint.CheckpointError, pipeline.DataFault) as err:
+    rec = run.export_stage(config, "export", workdir)
+  except (run.StageFailed, OSError, checkpoint.CheckpointError, pipeline.DataFault) as err:
     print(f"export: {err}", file=sys.stderr)
     return 1
   path = os.path.join(workdir, "results.json")

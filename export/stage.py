@@ -167,7 +167,7 @@ def _convert_all(ecfg, out: str, fns, specs, sm_dir: str, calib, ref, held):
 
 
 def run_export(config, workdir: str, name: str = "export") -> dict:
-  """Exports, verifies and indexes the student; returns the stage record (see train.run_stages)."""
+  """Exports, verifies and indexes the student; returns the stage record (see mcad_jax/run.py run_stages)."""
   from mcad_jax import evaluate
 
   t0 = time.time()

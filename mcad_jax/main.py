@@ -1,7 +1,7 @@
 """Entry point: `python -m mcad_jax.main --config=configs/shapes.py[:VARIANT] --workdir=W`.
 
 Wires things together and nothing else: flags -> config check -> workdir and
-its lock -> distributed init -> mesh -> device checks -> `train.run_stages`.
+its lock -> distributed init -> mesh -> device checks -> `run.run_stages`.
 Exit codes: 0 on success, 2 on a bad config or bad arguments (before any
 compute, also for a workdir another run holds), 143 when preempted, 1 on any
 other failure. An anticipated failure prints one line; its traceback goes to
@@ -153,7 +153,7 @@ def main(argv) -> None:
   maybe_initialize_distributed()
   import jax
 
-  from mcad_jax import checkpoint, convert, fileio, metrics, preemption, sharding, train, workdir_lock
+  from mcad_jax import checkpoint, convert, fileio, metrics, preemption, run, sharding, workdir_lock
   from mcad_jax.data import pipeline
 
   try:
@@ -170,14 +170,14 @@ def main(argv) -> None:
   try:
     if p == 0:
       fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    results = train.run_stages(config, workdir, mesh)
+    results = run.run_stages(config, workdir, mesh)
   except preemption.Preempted as e:
     _stop(e, EXIT_PREEMPTED)
-  except (metrics.NonFiniteLossError, train.StageFailed, checkpoint.CheckpointError,
+  except (metrics.NonFiniteLossError, run.StageFailed, checkpoint.CheckpointError,
           checkpoint.CheckpointSaveError, convert.WeightsError, pipeline.DataFault, OSError) as e:
     _stop(e, EXIT_FAILED)
   if p == 0:
-    print(train.format_table(results))
+    print(run.format_table(results))
     print(f"results: {os.path.join(workdir, 'results.json')}")
 
 

@@ -140,7 +140,7 @@ def read_done(stage_dir: str) -> dict | None:
     return json.load(f)
 
 
-def _write_json(path: str, obj) -> None:
+def write_json(path: str, obj) -> None:
   if jax.process_index() == 0:  # One writer; atomic, so a reader never sees half a file.
     fileio.write_json(path, obj)
 
@@ -257,69 +257,8 @@ def _finish(stage_dir, stage, params, mesh, steps, seconds) -> dict:
 
   record = {"seconds": seconds, "steps": steps, "params": param_count(params),
             "retrieval": stage.evaluate(params, mesh)}
-  _write_json(os.path.join(stage_dir, DONE_FILE), record)
+  write_json(os.path.join(stage_dir, DONE_FILE), record)
   return record
-
-
-class StageFailed(RuntimeError):
-  """A stage that cannot produce a usable result (e.g. an export failing its checks)."""
-
-  def __init__(self, stage: str, msg: str):
-    super().__init__(f"stage {stage!r} failed: {msg}")
-
-
-def export_stage(config, name: str, workdir: str) -> dict:
-  """The export stage (TensorFlow-based, in the top-level `export` package), skipped once done."""
-  stage_dir = os.path.join(workdir, name)
-  done = read_done(stage_dir)
-  if done is not None:
-    log.info("Stage %s already finished; skipping.", name)
-    return done
-  if jax.process_index() != 0:  # One process writes the files; the others have nothing to do.
-    return {"seconds": 0.0, "steps": 0, "retrieval": {}}
-  # Needs TensorFlow: pip install -e '.[export,onnx]'.
-  from export import convert as export_convert, stage as export_lib
-
-  try:
-    record = export_lib.run_export(config, workdir, name)
-  except export_convert.ExportError as e:
-    raise StageFailed(name, str(e)) from e
-  _write_json(os.path.join(stage_dir, DONE_FILE), record)
-  return record
-
-
-def run_stages(config, workdir: str, mesh) -> dict:
-  """Runs every configured stage in order; returns the results.json dict."""
-  results = {"config": config.name, "stages": {}, "retrieval": {}, "hard_negatives": {}}
-  for name in config.stages:
-    if config[name].kind == "export":
-      rec = export_stage(config, name, workdir)
-    else:
-      rec = train_stage(config, name, workdir, mesh)
-    results["stages"][name] = {"seconds": rec["seconds"], "steps": rec["steps"]}
-    if "export" in rec:
-      results["export"] = rec["export"]
-    for row, metrics_ in rec["retrieval"].items():
-      ret = dict(metrics_)
-      hn = {k: ret.pop(k) for k in list(ret) if k.startswith("hn_")}
-      results["retrieval"][row] = ret
-      if hn:
-        results["hard_negatives"][row] = hn
-    _write_json(os.path.join(workdir, "results.json"), results)  # A later failure loses nothing.
-  return results
-
-
-def format_table(results: dict) -> str:
-  """The retrieval table printed at the end of a run."""
-  cols = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
-  head = f"{'model':<16}" + "".join(f"{c:>9}" for c in cols) + f"{'hn_rel':>8}{'hn_attr':>8}"
-  lines = [head, "-" * len(head)]
-  for model, row in results["retrieval"].items():
-    hn = results.get("hard_negatives", {}).get(model, {})
-    lines.append(f"{model:<16}" + "".join(f"{row[c]:>9.1f}" for c in cols)
-                 + "".join(f"{hn[k]:>8.1f}" if k in hn else f"{'-':>8}"
-                           for k in ("hn_relation", "hn_attribute")))
-  return "\n".join(lines)
 
 
 def compiled_init(config, name: str, mesh):

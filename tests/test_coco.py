@@ -65,7 +65,7 @@ def test_pretrained_variant_three_tokenizers_through_export(tmp_path):
 
   import tensorflow_datasets as tfds
 
-  from mcad_jax import config_lib, convert, sharding, stages, train
+  from mcad_jax import config_lib, convert, run, sharding, stages
 
   bert_cfg = _small_checkpoints(tmp_path)
   config = coco.get_config("pretrained")
@@ -95,7 +95,7 @@ def test_pretrained_variant_three_tokenizers_through_export(tmp_path):
   w = tmp_path / "run"
   with tfds.testing.mock_data(num_examples=12):
     mesh = sharding.make_mesh(config.mesh)
-    res = train.run_stages(config, str(w), mesh)
+    res = run.run_stages(config, str(w), mesh)
     distill = stages.build(config, "distill", str(w), mesh)
   names = {distill.tokenizer.name, *(t.name for t in distill.extra_tokenizers)}
   assert len(names) == 3 and "clip77" in names and "wordpiece32" in names, names
