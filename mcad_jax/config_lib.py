@@ -243,7 +243,7 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _need(cond: bool, key: str, msg: str) -> None:
+def need(cond: bool, key: str, msg: str) -> None:
   if not cond:
     raise ConfigError(key, msg)
 
@@ -260,11 +260,11 @@ def _numbers(node, key: str = ""):
     yield key, node
 
 
-def _in(x: float, key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
+def in_range(x: float, key: str, lo: float, hi: float = math.inf, lo_open: bool = False,
         hi_open: bool = True) -> None:
   ok = (x > lo if lo_open else x >= lo) and (x < hi if hi_open else x <= hi)
   lo_s, hi_s = ("(" if lo_open else "[") + f"{lo}", f"{hi}" + (")" if hi_open else "]")
-  _need(ok, key, f"must be in {lo_s}, {hi_s}, got {x}")
+  need(ok, key, f"must be in {lo_s}, {hi_s}, got {x}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -273,104 +273,101 @@ def validate(config: ml_collections.ConfigDict) -> None:
   from mcad_jax.models import two_tower
 
   for key, x in _numbers(config):  # NaN/inf slip through every range check below.
-    _need(math.isfinite(x), key, f"must be a finite number, got {x}")
-  _need(len(config.stages) > 0, "stages", "no stages to run")
+    need(math.isfinite(x), key, f"must be a finite number, got {x}")
+  need(len(config.stages) > 0, "stages", "no stages to run")
   for k in ("log_every", "ckpt_every", "keep_ckpts", "eval_batch_size"):
-    _need(config[k] > 0, k, f"must be > 0, got {config[k]}")
+    need(config[k] > 0, k, f"must be > 0, got {config[k]}")
   try:
     pipeline.adapter(config.data.tfds_name)
   except ValueError as e:
     raise ConfigError("data.tfds_name", str(e)) from None
   source = config.data.get("source", "tfds")
-  _need(source in ("tfds", "generate"), "data.source", f"must be 'tfds' or 'generate', got {source!r}")
+  need(source in ("tfds", "generate"), "data.source", f"must be 'tfds' or 'generate', got {source!r}")
   if source == "generate":
     base, _, variant = config.data.tfds_name.partition(":")[0].partition("/")
     from mcad_jax.data import scenes
 
-    _need(base == "shapes" and (variant or "default") in scenes.VARIANTS, "data.source",
+    need(base == "shapes" and (variant or "default") in scenes.VARIANTS, "data.source",
           f"'generate' reads the shapes datasets {['shapes/' + v for v in scenes.VARIANTS]}, "
           f"not {config.data.tfds_name!r}; use data.source='tfds'")
-  _need(config.data.image_size > 0, "data.image_size", "must be > 0")
-  _need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
-  _need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
-  _need(config.data.get("generate_workers", 0) >= 0, "data.generate_workers", "must be >= 0")
+  need(config.data.image_size > 0, "data.image_size", "must be > 0")
+  need(config.data.text_len >= 2, "data.text_len", "must be >= 2 ([CLS] and [SEP])")
+  need(config.data.num_threads >= 0, "data.num_threads", "must be >= 0")
+  need(config.data.get("generate_workers", 0) >= 0, "data.generate_workers", "must be >= 0")
   for k in ("prefetch", "eval_limit"):
-    _need(config.data[k] >= 0, f"data.{k}", f"must be >= 0, got {config.data[k]}")
-  _need(config.shard_min_size >= 0, "shard_min_size", "must be >= 0")
+    need(config.data[k] >= 0, f"data.{k}", f"must be >= 0, got {config.data[k]}")
+  need(config.shard_min_size >= 0, "shard_min_size", "must be >= 0")
   if config.data.get("manual_dir"):
-    _need(os.path.isdir(config.data.manual_dir), "data.manual_dir",
+    need(os.path.isdir(config.data.manual_dir), "data.manual_dir",
           f"no directory {config.data.manual_dir!r}")
   from mcad_jax.data import tokenizer as tokenizers
 
   why = tokenizers.check_spec(config.data.get("tokenizer", "wordpiece"))
-  _need(why is None, "data.tokenizer", str(why))
+  need(why is None, "data.tokenizer", str(why))
   names = tuple(n for n, _ in config.mesh)
-  _need(names == ("data", "fsdp"), "mesh", f"axes must be ('data', 'fsdp'), got {names}")
+  need(names == ("data", "fsdp"), "mesh", f"axes must be ('data', 'fsdp'), got {names}")
   for name in config.stages:
-    _need(name in config, "stages", f"stage {name!r} has no config section")
+    need(name in config, "stages", f"stage {name!r} has no config section")
     s = config[name]
-    _need(s.kind in STAGE_KINDS, f"{name}.kind", f"unknown kind {s.kind!r}; known {STAGE_KINDS}")
+    need(s.kind in STAGE_KINDS, f"{name}.kind", f"unknown kind {s.kind!r}; known {STAGE_KINDS}")
     if s.kind == "export":
       _validate_export(config, name, s)
       continue
-    _need(s.report_as in REPORT_ROWS, f"{name}.report_as",
+    need(s.report_as in REPORT_ROWS, f"{name}.report_as",
           f"unknown row {s.report_as!r}; known {REPORT_ROWS}")
     for key in ("weights", "init_from"):
       if s.get(key):
-        _need(os.path.isdir(s[key]), f"{name}.{key}", f"no checkpoint directory {s[key]!r}")
-    if s.kind == "fusion":
-      _validate_fusion(config, name, s)
-    if s.kind == "distill":
-      _validate_distill(config, name, s)
-    if s.kind == "dual" and s.get("hard_columns", False):
-      _need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
-            "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
-      _in(s.hard_label_weight, f"{name}.hard_label_weight", 0)
-    _need(s.loss in LOSSES, f"{name}.loss", f"unknown loss {s.loss!r}; known {LOSSES}")
-    _need(s.steps > 0, f"{name}.steps", f"must be > 0, got {s.steps}")
-    _need(s.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {s.batch_size}")
-    _need(s.accum_steps > 0 and s.batch_size % s.accum_steps == 0, f"{name}.accum_steps",
+        need(os.path.isdir(s[key]), f"{name}.{key}", f"no checkpoint directory {s[key]!r}")
+    # Each stage kind checks its own section (stages/<kind>.py `validate`). Imported here, not at
+    # the top: configs import this module and must stay free of the trainer's imports.
+    from mcad_jax import stages
+
+    stages.validate(config, name)
+    need(s.loss in LOSSES, f"{name}.loss", f"unknown loss {s.loss!r}; known {LOSSES}")
+    need(s.steps > 0, f"{name}.steps", f"must be > 0, got {s.steps}")
+    need(s.batch_size > 0, f"{name}.batch_size", f"must be > 0, got {s.batch_size}")
+    need(s.accum_steps > 0 and s.batch_size % s.accum_steps == 0, f"{name}.accum_steps",
           f"must be > 0 and divide batch_size {s.batch_size}, got {s.accum_steps}")
     o = s.optim
-    _in(o.lr, f"{name}.optim.lr", 0, lo_open=True)
-    _in(o.end_lr_frac, f"{name}.optim.end_lr_frac", 0, 1, hi_open=False)
-    _in(o.weight_decay, f"{name}.optim.weight_decay", 0)
-    _in(o.b1, f"{name}.optim.b1", 0, 1)
-    _in(o.b2, f"{name}.optim.b2", 0, 1)
-    _in(o.clip_norm, f"{name}.optim.clip_norm", 0, lo_open=True)
-    _need(0 <= s.optim.warmup_steps < s.steps, f"{name}.optim.warmup_steps",
+    in_range(o.lr, f"{name}.optim.lr", 0, lo_open=True)
+    in_range(o.end_lr_frac, f"{name}.optim.end_lr_frac", 0, 1, hi_open=False)
+    in_range(o.weight_decay, f"{name}.optim.weight_decay", 0)
+    in_range(o.b1, f"{name}.optim.b1", 0, 1)
+    in_range(o.b2, f"{name}.optim.b2", 0, 1)
+    in_range(o.clip_norm, f"{name}.optim.clip_norm", 0, lo_open=True)
+    need(0 <= s.optim.warmup_steps < s.steps, f"{name}.optim.warmup_steps",
           f"must be in [0, steps={s.steps}), got {s.optim.warmup_steps}")
     if s.get("pretrained"):
       kind = s.pretrained.partition(":")[0]
-      _need(kind in ("minilm-l6", "bert", "openclip", "blip"), f"{name}.pretrained",
+      need(kind in ("minilm-l6", "bert", "openclip", "blip"), f"{name}.pretrained",
             f"unknown spec {s.pretrained!r}; use 'minilm-l6', 'bert:PATH', 'openclip:PATH' or 'blip:PATH'")
-      _need((kind == "blip") == (s.kind == "fusion" and s.fusion.get("arch", "ours") == "blip"),
+      need((kind == "blip") == (s.kind == "fusion" and s.fusion.get("arch", "ours") == "blip"),
             f"{name}.pretrained", "'blip:PATH' goes with a fusion stage with fusion.arch='blip'")
       path = s.pretrained.partition(":")[2]
       if kind != "minilm-l6":
-        _need(os.path.isfile(path), f"{name}.pretrained", f"no checkpoint file {path!r}")
+        need(os.path.isfile(path), f"{name}.pretrained", f"no checkpoint file {path!r}")
     m = s.model
     for key in ("image", "text"):
       try:
         two_tower.size_kwargs(m[key])
       except ValueError as e:
         raise ConfigError(f"{name}.model.{key}", str(e)) from None
-    _need("/" in m.image, f"{name}.model.image", f"must be 'SIZE/PATCH', got {m.image!r}")
+    need("/" in m.image, f"{name}.model.image", f"must be 'SIZE/PATCH', got {m.image!r}")
     patch = int(m.image.split("/")[1])
-    _need(config.data.image_size % patch == 0, f"{name}.model.image",
+    need(config.data.image_size % patch == 0, f"{name}.model.image",
           f"patch {patch} does not divide data.image_size {config.data.image_size}")
-    _need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
-    _need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
-    _need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
+    need(m.dtype in DTYPES, f"{name}.model.dtype", f"unknown dtype {m.dtype!r}; known {DTYPES}")
+    need(m.pool in POOLS, f"{name}.model.pool", f"unknown pool {m.pool!r}; known {POOLS}")
+    need(m.embed_dim > 0, f"{name}.model.embed_dim", "must be > 0")
     if m.get("tokenizer"):
       why = tokenizers.check_spec(m.tokenizer)
-      _need(why is None, f"{name}.model.tokenizer", str(why))
-    _need(m.get("text_len", 0) == 0 or m.text_len >= 2, f"{name}.model.text_len",
+      need(why is None, f"{name}.model.tokenizer", str(why))
+    need(m.get("text_len", 0) == 0 or m.text_len >= 2, f"{name}.model.text_len",
           "must be 0 (data.text_len) or >= 2 (two special tokens)")
-    _in(m.init_temperature, f"{name}.model.init_temperature", 0, lo_open=True)
-    _need(len(m.mean) == 3 and len(m.std) == 3, f"{name}.model.mean",
+    in_range(m.init_temperature, f"{name}.model.init_temperature", 0, lo_open=True)
+    need(len(m.mean) == 3 and len(m.std) == 3, f"{name}.model.mean",
           "mean and std need 3 values (RGB)")
-    _need(all(x > 0 for x in m.std), f"{name}.model.std", f"must all be > 0, got {tuple(m.std)}")
+    need(all(x > 0 for x in m.std), f"{name}.model.std", f"must all be > 0, got {tuple(m.std)}")
 
 
 def validate_for_mesh(config: ml_collections.ConfigDict, mesh) -> None:
@@ -383,7 +380,7 @@ def validate_for_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   shape = dict(mesh.shape)
 
   def check(key: str, b: int) -> None:
-    _need(b % n == 0, key, f"{b} does not split over the {n} devices of mesh {shape}: use a "
+    need(b % n == 0, key, f"{b} does not split over the {n} devices of mesh {shape}: use a "
           f"multiple of {n}, e.g. {max(n, b - b % n)}")
 
   for name in config.stages:
@@ -392,133 +389,43 @@ def validate_for_mesh(config: ml_collections.ConfigDict, mesh) -> None:
   check("eval_batch_size", config.eval_batch_size)
 
 
-def _stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:
+def stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:
   """A reference to another stage section (its architecture), run earlier or given `weights`.
 
   To start from outside weights, set `<ref>.weights` to their checkpoint directory.
   """
-  _need(ref in config and hasattr(config[ref], "kind"), key,
+  need(ref in config and hasattr(config[ref], "kind"), key,
         f"{ref!r} is not a stage section of this config (outside weights go in <stage>.weights)")
-  _need(config[ref].kind == kind, key, f"{ref!r} is a {config[ref].kind!r} stage, need {kind!r}")
-  _need(ref in config.stages[: config.stages.index(name)] or bool(config[ref].weights), key,
+  need(config[ref].kind == kind, key, f"{ref!r} is a {config[ref].kind!r} stage, need {kind!r}")
+  need(ref in config.stages[: config.stages.index(name)] or bool(config[ref].weights), key,
         f"stage {ref!r} must run before {name!r} or have weights")
-
-
-def _validate_fusion(config, name, s) -> None:
-  f = s.fusion
-  from mcad_jax.models import two_tower
-
-  try:
-    two_tower.size_kwargs(f.size)
-  except ValueError as e:
-    raise ConfigError(f"{name}.fusion.size", str(e)) from None
-  _need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
-  _need(f.get("arch", "ours") in ("ours", "blip"), f"{name}.fusion.arch",
-        f"unknown arch {f.get('arch')!r}; known ('ours', 'blip')")
-  if f.get("arch", "ours") == "blip":
-    _need(not f.towers_from, f"{name}.fusion.towers_from", "BLIP has towers of its own: set it to ''")
-  _need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
-  for k in ("itc_weight", "rerank_dual_weight"):
-    _in(f[k], f"{name}.fusion.{k}", 0)
-  from mcad_jax import curriculum
-  from mcad_jax.data import scenes
-  from mcad_jax.models import fusion
-
-  _need(f.context in fusion.CONTEXTS, f"{name}.fusion.context",
-        f"unknown context {f.context!r}; known {fusion.CONTEXTS}")
-  _need(f.text_source in fusion.TEXT_SOURCES, f"{name}.fusion.text_source",
-        f"unknown text_source {f.text_source!r}; known {fusion.TEXT_SOURCES}")
-  _need(f.loss in ("itm", "softmax"), f"{name}.fusion.loss",
-        f"unknown loss {f.loss!r}; use 'itm' or 'softmax'")
-  _need(f.negatives >= 1, f"{name}.fusion.negatives", f"must be >= 1, got {f.negatives}")
-  _need(f.negatives < s.batch_size, f"{name}.fusion.negatives",
-        f"must be < batch_size {s.batch_size}, got {f.negatives}")
-  try:
-    curriculum.validate(f.curriculum)
-  except ValueError as e:
-    raise ConfigError(f"{name}.fusion.curriculum", str(e)) from None
-  if f.curriculum:
-    _need(config.data.get("hard_negatives", False), f"{name}.fusion.curriculum",
-          "a curriculum needs data.hard_negatives (shapes' object counts and twins)")
-  _in(f.get("grounding_weight", 0.0), f"{name}.fusion.grounding_weight", 0)
-  if f.get("grounding_weight", 0.0) > 0:
-    _need(f.loss == "softmax" and f.twin_negatives and config.data.get("hard_negatives", False),
-          f"{name}.fusion.grounding_weight", "grounding reads the canonical caption's pair: it needs "
-          "fusion.loss='softmax', fusion.twin_negatives and data.hard_negatives (shapes)")
-    try:
-      scenes.grid_cells(config.data.tfds_name)
-    except ValueError as e:
-      raise ConfigError(f"{name}.fusion.grounding_weight", str(e)) from None
-  if f.towers_from:
-    _stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
-    _need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",
-          f"must equal {f.towers_from}.model, whose towers it reuses")
-  else:
-    _need(not f.freeze_towers, f"{name}.fusion.freeze_towers",
-          "frozen towers need fusion.towers_from (else they stay random)")
 
 
 def _validate_export(config, name, s) -> None:
   formats = ("fp32", "fp16", "dynamic", "int8")
-  _need(s.source in config and config[s.source].get("kind") in ("dual", "distill"),
+  need(s.source in config and config[s.source].get("kind") in ("dual", "distill"),
         f"{name}.source", f"{s.source!r} is not a dual or distill stage of this config")
-  _need(s.source in config.stages[: config.stages.index(name)] or bool(config[s.source].weights),
+  need(s.source in config.stages[: config.stages.index(name)] or bool(config[s.source].weights),
         f"{name}.source", f"stage {s.source!r} must run before {name!r} or have weights")
   for key in ("formats", "reeval", "index_formats"):
     known = ("fp16", "int8") if key == "index_formats" else formats + (("onnx",) if key == "reeval" else ())
     bad = [f for f in s[key] if f not in known]
-    _need(not bad, f"{name}.{key}", f"unknown {bad}; known {known}")
+    need(not bad, f"{name}.{key}", f"unknown {bad}; known {known}")
   avail = tuple(s.formats) + (("onnx",) if s.onnx else ())
   bad = [f for f in s.reeval if f not in avail]
-  _need(not bad, f"{name}.reeval", f"{bad} not exported (formats={tuple(s.formats)}, onnx={s.onnx})")
+  need(not bad, f"{name}.reeval", f"{bad} not exported (formats={tuple(s.formats)}, onnx={s.onnx})")
   if s.index_formats:
-    _need(s.index_encoder in s.formats, f"{name}.index_encoder",
+    need(s.index_encoder in s.formats, f"{name}.index_encoder",
           f"{s.index_encoder!r} is not among formats {tuple(s.formats)}")
   for key in ("batch_size", "representative_examples", "parity_examples"):
-    _need(s[key] >= 1, f"{name}.{key}", f"must be >= 1, got {s[key]}")
+    need(s[key] >= 1, f"{name}.{key}", f"must be >= 1, got {s[key]}")
   for key in ("float_cosine_min", "quant_cosine_min"):
-    _need(0 < s[key] <= 1, f"{name}.{key}", f"must be in (0, 1], got {s[key]}")
-  _need(s.quant_r1_drop_max >= 0, f"{name}.quant_r1_drop_max", f"must be >= 0, got {s.quant_r1_drop_max}")
-  _need(s.get("quant_r1_drop_queries", 1) >= 0, f"{name}.quant_r1_drop_queries", "must be >= 0")
-  _need(s.int8_recipe in INT8_RECIPES, f"{name}.int8_recipe",
+    need(0 < s[key] <= 1, f"{name}.{key}", f"must be in (0, 1], got {s[key]}")
+  need(s.quant_r1_drop_max >= 0, f"{name}.quant_r1_drop_max", f"must be >= 0, got {s.quant_r1_drop_max}")
+  need(s.get("quant_r1_drop_queries", 1) >= 0, f"{name}.quant_r1_drop_queries", "must be >= 0")
+  need(s.int8_recipe in INT8_RECIPES, f"{name}.int8_recipe",
         f"unknown {s.int8_recipe!r}; known {INT8_RECIPES}")
-  _need(not (s.int8_io and s.int8_recipe != "tf"), f"{name}.int8_io",
+  need(not (s.int8_io and s.int8_recipe != "tf"), f"{name}.int8_io",
         f"integer I/O needs int8_recipe='tf' (got {s.int8_recipe!r})")
 
 
-def _validate_distill(config, name, s) -> None:
-  from mcad_jax import recipes
-  from mcad_jax.recipes import conaclip, heads, mcad
-
-  _need(s.recipe in recipes.RECIPES, f"{name}.recipe",
-        f"unknown recipe {s.recipe!r}; known {recipes.RECIPES}")
-  try:
-    recipes.edge_table(s)
-  except ValueError as e:
-    raise ConfigError(f"{name}.edges", str(e)) from None
-  m = s.mcad
-  _need(m.mode in mcad.MODES, f"{name}.mcad.mode", f"unknown mode {m.mode!r}; known {mcad.MODES}")
-  _need(m.combine in heads.COMBINES, f"{name}.mcad.combine",
-        f"unknown {m.combine!r}; known {heads.COMBINES}")
-  _need(m.proj in mcad.PROJS, f"{name}.mcad.proj", f"unknown proj {m.proj!r}; known {mcad.PROJS}")
-  _need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
-  for k in ("alpha", "proj_contrastive", "itm_weight", "hard_itm_weight"):
-    _in(m.get(k, 0.0), f"{name}.mcad.{k}", 0)
-  for j, (edge, _, w) in enumerate(recipes.edge_table(s)):
-    _need(math.isfinite(w) and w >= 0, f"{name}.edges[{j}]", f"weight of {edge} must be >= 0, got {w}")
-  _need(s.conaclip.schedule in conaclip.SCHEDULES, f"{name}.conaclip.schedule",
-        f"unknown schedule {s.conaclip.schedule!r}; known {conaclip.SCHEDULES}")
-  _need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")
-  for k in ("hard_weight", "hard_label_weight"):
-    _in(s.get(k, 0.0), f"{name}.{k}", 0)
-  if recipes.uses_teacher(s):
-    _stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
-  if recipes.needs_fusion(s):
-    _stage_ref(config, name, f"{name}.teachers.fusion", s.teachers.fusion, "fusion")
-  if s.hard_columns:
-    _need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
-          "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
-  if s.cache:
-    _need(not config.data.augment, f"{name}.cache", "the teacher cache needs data.augment=False")
-    _need(not (s.recipe == "mcad" and m.mode == "all_pairs"), f"{name}.cache",
-          "MCAD all_pairs mode needs ITM over all pairs: online teachers only")

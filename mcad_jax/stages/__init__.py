@@ -9,12 +9,11 @@ One module per kind, all feeding the one train loop (`train.py`):
 teachers' forward passes (used by `distill` and the teacher-output cache).
 """
 
+from mcad_jax.stages import distill, dual, fusion
 from mcad_jax.stages.common import Stage, checkpoint_dir, dual_model, dummy_batch, restore_params, tokenizer  # noqa: F401
-from mcad_jax.stages.distill import distill_stage
-from mcad_jax.stages.dual import dual_stage
-from mcad_jax.stages.fusion import fusion_stage
 
-BUILDERS = {"dual": dual_stage, "fusion": fusion_stage, "distill": distill_stage}
+BUILDERS = {"dual": dual.dual_stage, "fusion": fusion.fusion_stage, "distill": distill.distill_stage}
+VALIDATORS = {"dual": dual.validate, "fusion": fusion.validate, "distill": distill.validate}
 
 
 def build(config, name: str, workdir: str, mesh) -> Stage:
@@ -23,3 +22,8 @@ def build(config, name: str, workdir: str, mesh) -> Stage:
   if scfg.kind not in BUILDERS:
     raise ValueError(f"unknown stage kind {scfg.kind!r}; known {tuple(BUILDERS)}")
   return BUILDERS[scfg.kind](config, scfg, workdir, mesh)
+
+
+def validate(config, name: str) -> None:
+  """Checks config section `name` by its kind's own rules; raises config_lib.ConfigError."""
+  VALIDATORS[config[name].kind](config, name, config[name])

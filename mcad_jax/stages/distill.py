@@ -9,13 +9,14 @@ loss is `DistillLoss`, an object a test can build and call on its own.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from mcad_jax import losses, recipes, teacher_cache
-from mcad_jax.recipes import conaclip, graph, hard_columns, mcad
+from mcad_jax import config_lib as cl, losses, recipes, teacher_cache
+from mcad_jax.recipes import conaclip, graph, hard_columns, heads as heads_lib, mcad
 from mcad_jax.recipes.heads import DistillHeads
 from mcad_jax.stages import common
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, teacher_scale
@@ -165,3 +166,39 @@ def distill_stage(config, scfg, workdir: str, mesh) -> Stage:
       extra_tokenizers=tuple(t for t in fwd.tokenizers.values() if t) if online else (),
       evaluate=lambda params, mesh: eval_dual(config, student, params["student"], mesh,
                                               scfg.report_as, scfg.model))
+
+
+def validate(config, name: str, s) -> None:
+  """Checks this stage kind's own section `s` (named `name`); raises config_lib.ConfigError."""
+  cl.need(s.recipe in recipes.RECIPES, f"{name}.recipe",
+          f"unknown recipe {s.recipe!r}; known {recipes.RECIPES}")
+  try:
+    recipes.edge_table(s)
+  except ValueError as e:
+    raise cl.ConfigError(f"{name}.edges", str(e)) from None
+  m = s.mcad
+  cl.need(m.mode in mcad.MODES, f"{name}.mcad.mode", f"unknown mode {m.mode!r}; known {mcad.MODES}")
+  cl.need(m.combine in heads_lib.COMBINES, f"{name}.mcad.combine",
+          f"unknown {m.combine!r}; known {heads_lib.COMBINES}")
+  cl.need(m.proj in mcad.PROJS, f"{name}.mcad.proj", f"unknown proj {m.proj!r}; known {mcad.PROJS}")
+  cl.need(m.topk >= 1, f"{name}.mcad.topk", "must be >= 1")
+  for k in ("alpha", "proj_contrastive", "itm_weight", "hard_itm_weight"):
+    cl.in_range(m.get(k, 0.0), f"{name}.mcad.{k}", 0)
+  for j, (edge, _, w) in enumerate(recipes.edge_table(s)):
+    cl.need(math.isfinite(w) and w >= 0, f"{name}.edges[{j}]", f"weight of {edge} must be >= 0, got {w}")
+  cl.need(s.conaclip.schedule in conaclip.SCHEDULES, f"{name}.conaclip.schedule",
+          f"unknown schedule {s.conaclip.schedule!r}; known {conaclip.SCHEDULES}")
+  cl.need(s.kl_temperature >= 0, f"{name}.kl_temperature", "must be >= 0 (0 = teacher's)")
+  for k in ("hard_weight", "hard_label_weight"):
+    cl.in_range(s.get(k, 0.0), f"{name}.{k}", 0)
+  if recipes.uses_teacher(s):
+    cl.stage_ref(config, name, f"{name}.teachers.dual", s.teachers.dual, "dual")
+  if recipes.needs_fusion(s):
+    cl.stage_ref(config, name, f"{name}.teachers.fusion", s.teachers.fusion, "fusion")
+  if s.hard_columns:
+    cl.need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
+            "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
+  if s.cache:
+    cl.need(not config.data.augment, f"{name}.cache", "the teacher cache needs data.augment=False")
+    cl.need(not (s.recipe == "mcad" and m.mode == "all_pairs"), f"{name}.cache",
+            "MCAD all_pairs mode needs ITM over all pairs: online teachers only")

@@ -8,7 +8,7 @@ can be trained on the same binding signal the fusion teacher sees.
 
 from __future__ import annotations
 
-from mcad_jax import losses
+from mcad_jax import config_lib as cl, losses
 from mcad_jax.recipes import hard_columns
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, eval_dual, pretrained_init, tokenizer
 
@@ -39,3 +39,11 @@ def dual_stage(config, scfg, workdir: str, mesh) -> Stage:
       batch_keys=("image", "text") + (hard_columns.HARD_KEYS if hard else ()),
       load_init=pretrained_init(config, scfg, model), tokenizer=tokenizer(config, scfg.model),
       evaluate=lambda params, mesh: eval_dual(config, model, params, mesh, scfg.report_as, scfg.model))
+
+
+def validate(config, name: str, s) -> None:
+  """Checks this stage kind's own section `s` (named `name`); raises config_lib.ConfigError."""
+  if s.get("hard_columns", False):
+    cl.need(config.data.get("hard_negatives", False), f"{name}.hard_columns",
+            "hard columns need data.hard_negatives=True (a dataset with twins: shapes)")
+    cl.in_range(s.hard_label_weight, f"{name}.hard_label_weight", 0)

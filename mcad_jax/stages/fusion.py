@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mcad_jax import curriculum, evaluate, losses
+from mcad_jax import config_lib as cl, curriculum, evaluate, losses
 from mcad_jax.data import pipeline, scenes
-from mcad_jax.models import two_tower
+from mcad_jax.models import fusion as fusion_models, two_tower
 from mcad_jax.models.fusion import FusionTeacher
 from mcad_jax.stages import common
 from mcad_jax.stages.common import Stage, dual_model, dummy_batch, restore_params, teacher_scale, tokenizer
@@ -252,3 +252,52 @@ def fusion_metrics(config, scfg, model, params, mesh, test: pipeline.EvalSet) ->
 
     out.update(evaluate.twin_accuracy(s_true, twin, test.hard))
   return out
+
+
+def validate(config, name: str, s) -> None:
+  """Checks this stage kind's own section `s` (named `name`); raises config_lib.ConfigError."""
+  f = s.fusion
+  try:
+    two_tower.size_kwargs(f.size)
+  except ValueError as e:
+    raise cl.ConfigError(f"{name}.fusion.size", str(e)) from None
+  cl.need(f.depth >= 0, f"{name}.fusion.depth", "must be >= 0")
+  cl.need(f.get("arch", "ours") in ("ours", "blip"), f"{name}.fusion.arch",
+          f"unknown arch {f.get('arch')!r}; known ('ours', 'blip')")
+  if f.get("arch", "ours") == "blip":
+    cl.need(not f.towers_from, f"{name}.fusion.towers_from", "BLIP has towers of its own: set it to ''")
+  cl.need(f.rerank_k >= 1, f"{name}.fusion.rerank_k", "must be >= 1")
+  for k in ("itc_weight", "rerank_dual_weight"):
+    cl.in_range(f[k], f"{name}.fusion.{k}", 0)
+  cl.need(f.context in fusion_models.CONTEXTS, f"{name}.fusion.context",
+          f"unknown context {f.context!r}; known {fusion_models.CONTEXTS}")
+  cl.need(f.text_source in fusion_models.TEXT_SOURCES, f"{name}.fusion.text_source",
+          f"unknown text_source {f.text_source!r}; known {fusion_models.TEXT_SOURCES}")
+  cl.need(f.loss in ("itm", "softmax"), f"{name}.fusion.loss",
+          f"unknown loss {f.loss!r}; use 'itm' or 'softmax'")
+  cl.need(f.negatives >= 1, f"{name}.fusion.negatives", f"must be >= 1, got {f.negatives}")
+  cl.need(f.negatives < s.batch_size, f"{name}.fusion.negatives",
+          f"must be < batch_size {s.batch_size}, got {f.negatives}")
+  try:
+    curriculum.validate(f.curriculum)
+  except ValueError as e:
+    raise cl.ConfigError(f"{name}.fusion.curriculum", str(e)) from None
+  if f.curriculum:
+    cl.need(config.data.get("hard_negatives", False), f"{name}.fusion.curriculum",
+            "a curriculum needs data.hard_negatives (shapes' object counts and twins)")
+  cl.in_range(f.get("grounding_weight", 0.0), f"{name}.fusion.grounding_weight", 0)
+  if f.get("grounding_weight", 0.0) > 0:
+    cl.need(f.loss == "softmax" and f.twin_negatives and config.data.get("hard_negatives", False),
+            f"{name}.fusion.grounding_weight", "grounding reads the canonical caption's pair: it needs "
+            "fusion.loss='softmax', fusion.twin_negatives and data.hard_negatives (shapes)")
+    try:
+      scenes.grid_cells(config.data.tfds_name)
+    except ValueError as e:
+      raise cl.ConfigError(f"{name}.fusion.grounding_weight", str(e)) from None
+  if f.towers_from:
+    cl.stage_ref(config, name, f"{name}.fusion.towers_from", f.towers_from, "dual")
+    cl.need(s.model.to_dict() == config[f.towers_from].model.to_dict(), f"{name}.model",
+            f"must equal {f.towers_from}.model, whose towers it reuses")
+  else:
+    cl.need(not f.freeze_towers, f"{name}.fusion.freeze_towers",
+            "frozen towers need fusion.towers_from (else they stay random)")
