@@ -65,7 +65,9 @@ def export_form():
   - LayerNorms compute the variance in two passes (`two_pass_layer_norm`);
   - the ViT's 'moments' pool multiplies the tokens by its constant weights with the constant on
     the right: as the left operand of a static int8 BATCH_MATMUL (ai-edge-quantizer), LiteRT
-    returned all zeros, and with int16 activations it refused the operand pair.
+    returned all zeros, and with int16 activations it refused the operand pair;
+  - the text tower's padding mask is a select of 1.0 / 0.0, not a bool->float cast, which no
+    quantizer turns integer (it left a float CAST in the static int8 text encoder).
   """
   token = _EXPORT_FORM.set(True)
   try:

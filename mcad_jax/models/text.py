@@ -58,7 +58,10 @@ class TextTransformer(nn.Module):
     x = layers.embed_lookup(table, ids) + pos[:, : ids.shape[-1]]
     if self.post_norm:
       x = layers.layer_norm("ln_emb", self.dtype, self.ln_eps)(x)
-    mask = (ids != self.pad_id).astype(jnp.float32)
+    if layers.in_export_form():  # A select, not a bool->float cast: integer kernels quantize it.
+      mask = jnp.where(ids != self.pad_id, jnp.float32(1.0), jnp.float32(0.0))
+    else:
+      mask = (ids != self.pad_id).astype(jnp.float32)
     x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, post_norm=self.post_norm,
                        gelu_exact=self.gelu_exact, ln_eps=self.ln_eps, name="encoder")(
                            x.astype(self.dtype), mask=None if self.causal else mask, causal=self.causal)
