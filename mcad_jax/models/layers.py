@@ -66,6 +66,8 @@ def export_form():
   - the ViT's 'moments' pool multiplies the tokens by its constant weights with the constant on
     the right: as the left operand of a static int8 BATCH_MATMUL (ai-edge-quantizer), LiteRT
     returned all zeros, and with int16 activations it refused the operand pair;
+  - the text tower's 'moments' pool is one matmul of the tokens by the mask and positional
+    weights, not element-wise products summed (its first moment was lost in static int8);
   - the text tower's padding mask is a select of 1.0 / 0.0, not a bool->float cast, which no
     quantizer turns integer (it left a float CAST in the static int8 text encoder).
   """

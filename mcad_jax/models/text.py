@@ -75,7 +75,14 @@ class TextTransformer(nn.Module):
       n = jnp.maximum(jnp.sum(m, axis=1), 1.0)
       p = jnp.linspace(-1.0, 1.0, ids.shape[-1], dtype=x.dtype)[None, :, None]
       p = p - jnp.sum(p * m, axis=1, keepdims=True) / n[:, None]
-      pooled = jnp.concatenate([jnp.sum(x * m, axis=1) / n, jnp.sum(x * m * p, axis=1) / n], -1)
+      if layers.in_export_form():
+        # Both moments as one [B, 2, L] x [B, L, D] matmul: an integer matmul accumulates the
+        # products wide, where the element-wise x * m * p, quantized per tensor before its sum,
+        # lost the first moment (a small sum of large terms) in static int8.
+        w = jnp.stack([mask, (m * p)[..., 0]], axis=1)
+        pooled = (jnp.einsum("bkl,bld->bkd", w, x) / n[:, None]).reshape(x.shape[0], -1)
+      else:
+        pooled = jnp.concatenate([jnp.sum(x * m, axis=1) / n, jnp.sum(x * m * p, axis=1) / n], -1)
     elif self.pool == "eot":
       pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
     else:
