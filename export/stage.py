@@ -281,7 +281,10 @@ def _write_report(path: str, record: dict, ecfg, failed: list[str], readiness: d
            f"Source stage `{ecfg.source}`, static batch {ecfg.batch_size}. Parity: "
            f"{ecfg.parity_examples} held-out test examples per encoder vs JAX; floors: min cosine "
            f"{ecfg.float_cosine_min} (float), {ecfg.quant_cosine_min} (quantized; int8 recipe "
-           f"`{ecfg.int8_recipe}`), R@1 at most {ecfg.quant_r1_drop_max} below fp32.", "",
+           f"`{ecfg.int8_recipe}`), R@1 at most {ecfg.quant_r1_drop_max} below fp32; npu files: min "
+           f"cosine {ecfg.get('npu_cosine_min')}, R@1 at most {ecfg.get('npu_r1_drop_max')} below fp32 "
+           f"(npu_per_tensor: {ecfg.get('npu_per_tensor_cosine_min')}, "
+           f"{ecfg.get('npu_per_tensor_r1_drop_max')}).", "",
            "| file | bytes | cosine min | cosine mean | max abs err | ops |", "|---|---|---|---|---|---|"]
   for f, r in record["export"].items():
     lines.append(f"| {f} | {r['bytes']:,} | {r['cosine_min']:.5f} | {r['cosine_mean']:.5f} | "
