@@ -7,8 +7,9 @@ For the encoders of a finished export stage (W/export/), one run, same inputs:
 - text-query latency (tokenize + encode) and image-encode latency, median of single-example
   calls (at 1 thread every engine loaded and their calls taking turns, so load on a shared
   machine hits them alike; at more threads one engine after another), for LiteRT (XNNPACK)
-  fp32 / fp16 / int8 TFLite files and for ONNX Runtime (CPU) on our jax2onnx files in fp32 and
-  after ORT's own dynamic int8 quantization
+  fp32 / fp16 / int8 TFLite files (and the static full-integer `npu` / `npu_per_tensor` files when
+  the export made them: NPU files, timed here on the CPU's int8 kernels) and for ONNX Runtime
+  (CPU) on our jax2onnx files in fp32 and after ORT's own dynamic int8 quantization
   (`onnxruntime.quantization.quantize_dynamic`, what an ORT user would do), at each thread count;
   ratios to ORT fp32 at the same thread count;
 - file sizes;
@@ -39,9 +40,11 @@ from benchmarks.report import cpu_words, median_ms, medians_in_turns
 
 QUERY = "a large red circle to the left of a small blue square"
 GALLERY = 100_000
-# (runtime, format): LiteRT's three TFLite files, ONNX Runtime's fp32 file and its own int8.
+# (runtime, format): LiteRT's three TFLite files, ONNX Runtime's fp32 file and its own int8;
+# then the static full-integer NPU files, where the export made them (timed on the CPU here).
 ENGINES = (("litert", "fp32"), ("litert", "fp16"), ("litert", "int8"), ("ort", "fp32"),
            ("ort", "int8"))
+NPU_ENGINES = (("litert", "npu"), ("litert", "npu_per_tensor"))
 
 
 def child(workdir: str, what: str, gallery: str) -> dict:
@@ -122,11 +125,13 @@ def main():
   s = meta["image_size"]
   image = np.random.default_rng(0).integers(0, 256, (1, s, s, 3)).astype(np.float32)
   tmp = tempfile.mkdtemp(prefix="mcad_mobile_")
+  engines = ENGINES + tuple(e for e in NPU_ENGINES
+                            if os.path.isfile(os.path.join(out, f"student_text_{e[1]}.tflite")))
   for e in ("text", "image"):
     ort_int8(os.path.join(out, f"student_{e}.onnx"), os.path.join(tmp, f"student_{e}.onnx"))
   lat, sizes = {}, {}
   for n in args.threads:
-    encs = {engine: encoders(out, engine, n, tmp) for engine in ENGINES}
+    encs = {engine: encoders(out, engine, n, tmp) for engine in engines}
     calls = {}
     for engine, (txt, img) in encs.items():
       calls[engine, "text"] = lambda t=txt: t(tok.encode_batch([QUERY]))
@@ -136,7 +141,7 @@ def main():
     # spinning after its call (ORT's default) would slow whichever engine ran next.
     ms = (medians_in_turns(calls, args.reps) if n == 1 else
           {key: median_ms(fn, args.reps) for key, fn in calls.items()})
-    for engine in ENGINES:
+    for engine in engines:
       lat[engine, n] = ms[engine, "text"], ms[engine, "image"]
     emb_dim = calls[ENGINES[0], "text"]().shape[1]
     del encs, calls
@@ -182,7 +187,7 @@ def main():
       "| image ÷ ORT fp32 | text file (MB) | image file (MB) |",
       "|---|---|---|---|---|---|---|---|",
   ]
-  for engine in ENGINES:
+  for engine in engines:
     for n in args.threads:
       (t, i), (rt, ri) = lat[engine, n], lat[("ort", "fp32"), n]
       lines.append(f"| {name(engine)} | {n} | {t:.3f} | {i:.3f} | {t / rt:.2f} | {i / ri:.2f} "

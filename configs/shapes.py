@@ -2,7 +2,7 @@
 
 Stages: teacher (dual-stream) -> fusion_teacher (single-stream, on the frozen
 teacher towers) -> distill (the MCAD student) -> export (TFLite fp32/fp16/
-dynamic/int8 and ONNX, verified against JAX, plus the gallery index).
+dynamic/int8/npu and ONNX, verified against JAX, plus the gallery index).
 
   python -m mcad_jax.main --config=configs/shapes.py --workdir=workdirs/demo        # demo
   python -m mcad_jax.main --config=configs/shapes.py:teachers --workdir=workdirs/t  # retrain teachers
@@ -93,6 +93,10 @@ def get_config(arg: str = ""):
   # every seed, where at 1 it did at three of five (RESULTS.md, "Recipes at 1500 steps").
   c.distill.hard_weight = 3.0
   c.export = cl.export_stage_config("distill")
+  # Static full-integer encoders for NPU delegates, per-channel and per-tensor weights
+  # (export/npu.py checks them; RESULTS.md, "NPU int8").
+  c.export.formats = (*c.export.formats, "npu", "npu_per_tensor")
+  c.export.reeval = (*c.export.reeval, "npu", "npu_per_tensor")
   if variant == "teachers":
     c.stages = ("teacher", "fusion_teacher")
   if variant == "heldout":
@@ -111,7 +115,8 @@ def get_config(arg: str = ""):
     c.teacher.weights = shipped.path("shapes", "teacher")
     c.fusion_teacher.weights = shipped.path("shapes", "fusion_teacher")
   if variant == "smoke":
-    c.export.formats = ("fp32", "int8")
+    c.export.formats = ("fp32", "int8", "npu")
+    c.export.reeval = ("fp32", "int8", "npu")
     c.export.representative_examples, c.export.parity_examples = 200, 64
     # 200 test images and a 60-step student: a few queries' flip is noise, not a regression
     # (4 queries = 2 R@1 points here). The demo's 5k test split keeps the 0.5-point floor.

@@ -1,4 +1,4 @@
-"""Mobile export of a trained student: SavedModel, TFLite (fp32/fp16/dynamic/int8), ONNX.
+"""Mobile export of a trained student: SavedModel, TFLite (fp32/fp16/dynamic/int8/npu), ONNX.
 
 Outside the TF-free `mcad_jax` package: everything here needs TensorFlow (and
 `jax2onnx` for ONNX). Entry points:

@@ -29,7 +29,8 @@ def main(argv=None) -> int:
   ap = argparse.ArgumentParser(prog="python -m export", description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--source", help="stage whose student to export (dual or distill)")
-  ap.add_argument("--formats", nargs="+", help="TFLite formats: fp32 fp16 dynamic int8")
+  ap.add_argument("--formats", nargs="+", help="TFLite formats: fp32 fp16 dynamic int8 npu "
+                  "npu_per_tensor (export/stage.py, FORMATS)")
   ap.add_argument("--reeval", nargs="*", help="formats to re-run the retrieval eval with")
   ap.add_argument("--int8-io", action="store_true", help="uint8 image in, int8 embedding out")
   ap.add_argument("--no-onnx", action="store_true")

@@ -28,15 +28,15 @@ class ExportError(RuntimeError):
 
 def encoder_fns(model, params) -> dict[str, Callable]:
   """{'image': uint8/float [B,S,S,3] -> zimg, 'text': int32 [B,L] -> ztxt} with params closed over."""
-  from mcad_jax.models.layers import two_pass_layer_norm
+  from mcad_jax.models.layers import export_form
 
-  # Traced with two-pass LayerNorms: the int8-safe form (mcad_jax/models/layers.py).
+  # Traced in the integer-friendly forms (two-pass LayerNorm, ...: mcad_jax/models/layers.py).
   def image(x):
-    with two_pass_layer_norm():
+    with export_form():
       return model.apply({"params": params}, x.astype(jnp.float32), method=model.encode_image)[0]
 
   def text(ids):
-    with two_pass_layer_norm():
+    with export_form():
       return model.apply({"params": params}, ids, method=model.encode_text)[0]
 
   return {"image": image, "text": text}

@@ -24,11 +24,27 @@ import time
 import jax
 import numpy as np
 
-from export import convert, index, quantize, runtime
+from export import convert, index, npu, quantize, runtime
 from mcad_jax import fileio, tool_output
 
 log = logging.getLogger(__name__)
 
+# Every TFLite format the stage makes, in one place: how each is made and which floors hold it.
+#   make 'tf': the TF converter's own format (convert.to_tflite); 'int8': export.int8_recipe;
+#   'quantizer': the named ai-edge-quantizer recipe (export/quantize.py) on the fp32 file.
+#   floor: the config keys <floor>_cosine_min and <floor>_r1_drop_max (float files: cosine only).
+#   npu: the file must pass the NPU readiness check (export/npu.py) or the export fails.
+# mcad_jax/config_lib.py's EXPORT_FORMATS mirrors the names (tests/test_export.py holds them equal).
+FORMATS: dict[str, dict] = {
+    "fp32": {"make": "tf", "floor": "float"},
+    "fp16": {"make": "tf", "floor": "float"},
+    "dynamic": {"make": "tf", "floor": "quant"},
+    "int8": {"make": "int8", "floor": "quant"},
+    # Static full-integer, integer I/O (int8 pixels in, int8 embedding out; ids stay int32).
+    "npu": {"make": "quantizer", "recipe": "npu", "floor": "npu", "npu": True},
+    "npu_per_tensor": {"make": "quantizer", "recipe": "npu_per_tensor", "floor": "npu_per_tensor",
+                       "npu": True},
+}
 FLOAT_FORMATS = ("fp32", "fp16", "onnx")
 
 
@@ -96,7 +112,7 @@ def _check(ecfg, fmt: str, r: dict) -> str | None:
   float_cosine_min, quantized ones >= quant_cosine_min; either failing fails
   the export.
   """
-  floor = ecfg.float_cosine_min if fmt in FLOAT_FORMATS else ecfg.quant_cosine_min
+  floor = ecfg.float_cosine_min if fmt == "onnx" else ecfg[f"{FORMATS[fmt]['floor']}_cosine_min"]
   return f"cosine_min {r['cosine_min']:.5f} < {floor}" if r["cosine_min"] < floor else None
 
 
@@ -112,8 +128,10 @@ def _check_retrieval(ecfg, retrieval: dict, num_images: int, num_texts: int) -> 
   for row, m in retrieval.items():
     if ref is None or row in ("student_fp32", "student_fp16", "student_onnx"):
       continue
+    floor = FORMATS.get(row.removeprefix("student_"), {}).get("floor", "quant")
     for key, n in (("i2t_r1", num_images), ("t2i_r1", num_texts)):
-      allowed = max(ecfg.quant_r1_drop_max, 100.0 * ecfg.get("quant_r1_drop_queries", 1) / n + 1e-9)
+      allowed = max(ecfg.get(f"{floor}_r1_drop_max", ecfg.quant_r1_drop_max),
+                    100.0 * ecfg.get("quant_r1_drop_queries", 1) / n + 1e-9)
       if ref[key] - m[key] > allowed:
         bad.append(f"{row}: {key} {m[key]:.2f} is {ref[key] - m[key]:.2f} below fp32's "
                    f"{ref[key]:.2f} (allowed {allowed:.2f})")
@@ -126,14 +144,16 @@ def _convert_all(ecfg, out: str, fns, specs, sm_dir: str, calib, ref, held):
   files: dict[str, dict] = {}
   encoders: dict[tuple[str, str], object] = {}
   fp32: dict[str, bytes] = {}
+  readiness: dict[str, dict] = {}
   for fmt in ecfg.formats:
     for enc in convert.ENCODERS:
       fname = f"student_{enc}_{fmt}.tflite"
-      if fmt == "int8" and ecfg.int8_recipe != "tf":
+      recipe = FORMATS[fmt].get("recipe", ecfg.int8_recipe if fmt == "int8" else None)
+      if FORMATS[fmt]["make"] == "quantizer" or (fmt == "int8" and ecfg.int8_recipe != "tf"):
         # ai-edge-quantizer works on the float flatbuffer (export/quantize.py).
         if enc not in fp32:
           fp32[enc] = convert.to_tflite(sm_dir, enc, "fp32")
-        buf = quantize.quantize(fp32[enc], calib[enc], ecfg.int8_recipe)
+        buf = quantize.quantize(fp32[enc], calib[enc], recipe)
       else:
         rep = representative(calib[enc]) if fmt == "int8" else None
         buf = convert.to_tflite(sm_dir, enc, fmt, rep, int8_io=ecfg.int8_io)
@@ -143,12 +163,20 @@ def _convert_all(ecfg, out: str, fns, specs, sm_dir: str, calib, ref, held):
       bad = runtime.non_builtin(ops)
       if bad:
         raise convert.ExportError(f"{fname}: non-builtin ops {bad}; the model code must avoid them")
+      ready = npu.inspect(buf)
+      if FORMATS[fmt].get("npu") and not ready["ready"]:
+        raise convert.ExportError(f"{fname} is not NPU-ready, so it cannot be labelled {fmt!r}: "
+                                  + "; ".join(ready["problems"][:5]))
       path = os.path.join(out, fname)
       fileio.atomic_write(path, buf)
       e = runtime.TFLiteEncoder(path)
       encoders[(enc, fmt)] = e
       files[fname] = {"bytes": len(buf), "ops": ops, "format": fmt, "encoder": enc,
-                      **parity(ref[enc], e(held[enc]))}
+                      **parity(ref[enc], e(held[enc])),
+                      "npu_ready": ready["ready"], "weights": npu.granularity(ready),
+                      "float_activations": len(ready["float_activations"]),
+                      "static_shapes": ready["static_shapes"], "io": ready["io"]}
+      readiness[fname] = ready
       log.info("%s: %d bytes, cosine min %.5f", fname, len(buf), files[fname]["cosine_min"])
   if ecfg.onnx:
     import onnx
@@ -162,8 +190,9 @@ def _convert_all(ecfg, out: str, fns, specs, sm_dir: str, calib, ref, held):
       ops = sorted({n.op_type for n in onnx.load(path).graph.node})
       files[fname] = {"bytes": os.path.getsize(path), "ops": ops, "format": "onnx", "encoder": enc,
                       **parity(ref[enc], e(held[enc]))}
-
-  return files, encoders
+  # Every TFLite op with its activation types, per file (the report keeps a summary).
+  fileio.write_json(os.path.join(out, "npu_readiness.json"), readiness, indent=None)
+  return files, encoders, readiness
 
 
 def run_export(config, workdir: str, name: str = "export") -> dict:
@@ -184,13 +213,14 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
   test_images = test.images.astype(np.float32)
   held = {"image": test_images[:ecfg.parity_examples], "text": test.texts[:ecfg.parity_examples]}
   ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
-  calib = calibration_data(config, ecfg.representative_examples, tok) if "int8" in ecfg.formats else None
+  quantized = any(FORMATS[f]["make"] != "tf" for f in ecfg.formats)
+  calib = calibration_data(config, ecfg.representative_examples, tok) if quantized else None
 
   sm_dir = os.path.join(out, "saved_model")
   shutil.rmtree(sm_dir, ignore_errors=True)
   # The converters', quantizer's and interpreter's own output goes to W/export/tools.log.
   with tool_output.tool_output_to(os.path.join(out, "tools.log")):
-    files, encoders = _convert_all(ecfg, out, fns, specs, sm_dir, calib, ref, held)
+    files, encoders, readiness = _convert_all(ecfg, out, fns, specs, sm_dir, calib, ref, held)
 
   failed = []
   for f, r in files.items():
@@ -228,7 +258,7 @@ def run_export(config, workdir: str, name: str = "export") -> dict:
 
   record = {"seconds": time.time() - t0, "steps": 0, "params": 0, "retrieval": retrieval,
             "export": files, "index": idx_files}
-  _write_report(os.path.join(out, "report.md"), record, ecfg, failed)
+  _write_report(os.path.join(out, "report.md"), record, ecfg, failed, readiness)
   if failed:
     raise convert.ExportError("export parity below the floor (see " + os.path.join(out, "report.md")
                               + "):\n  " + "\n  ".join(failed))
@@ -246,12 +276,15 @@ def _write_meta(out: str, config, ecfg, test, tok) -> None:
   fileio.write_json(os.path.join(out, "meta.json"), meta, indent=None)
 
 
-def _write_report(path: str, record: dict, ecfg, failed: list[str]) -> None:
+def _write_report(path: str, record: dict, ecfg, failed: list[str], readiness: dict) -> None:
   lines = ["# Export report", "",
            f"Source stage `{ecfg.source}`, static batch {ecfg.batch_size}. Parity: "
            f"{ecfg.parity_examples} held-out test examples per encoder vs JAX; floors: min cosine "
            f"{ecfg.float_cosine_min} (float), {ecfg.quant_cosine_min} (quantized; int8 recipe "
-           f"`{ecfg.int8_recipe}`), R@1 at most {ecfg.quant_r1_drop_max} below fp32.", "",
+           f"`{ecfg.int8_recipe}`), R@1 at most {ecfg.quant_r1_drop_max} below fp32; npu files: min "
+           f"cosine {ecfg.get('npu_cosine_min')}, R@1 at most {ecfg.get('npu_r1_drop_max')} below fp32 "
+           f"(npu_per_tensor: {ecfg.get('npu_per_tensor_cosine_min')}, "
+           f"{ecfg.get('npu_per_tensor_r1_drop_max')}).", "",
            "| file | bytes | cosine min | cosine mean | max abs err | ops |", "|---|---|---|---|---|---|"]
   for f, r in record["export"].items():
     lines.append(f"| {f} | {r['bytes']:,} | {r['cosine_min']:.5f} | {r['cosine_mean']:.5f} | "
@@ -265,6 +298,21 @@ def _write_report(path: str, record: dict, ecfg, failed: list[str]) -> None:
   lines += ["", "Ops per file:", ""]
   for f, r in record["export"].items():
     lines.append(f"- `{f}`: {', '.join(r['ops'])}")
+  lines += ["", "NPU readiness (export/npu.py: integer activations end to end, builtin ops, static "
+            "shapes; every op in `npu_readiness.json`):", "",
+            "| file | NPU-ready | float activations | weights | static shapes | input | output |",
+            "|---|---|---|---|---|---|---|"]
+  for f, r in readiness.items():
+    lines.append(f"| {f} | {'yes' if r['ready'] else 'no'} | {len(r['float_activations'])} | "
+                 f"{npu.granularity(r)} | {'yes' if r['static_shapes'] else 'no'} | "
+                 f"{','.join(r['io']['input'])} | {','.join(r['io']['output'])} |")
+  for f, r in readiness.items():
+    if FORMATS.get(record["export"][f]["format"], {}).get("npu") or not r["ready"]:
+      lines += ["", f"`{f}`, activation ops (count, input types -> output types):", ""]
+      lines += [f"- {op} x{n}: {i} -> {o}" for op, n, i, o in npu.op_table(r)]
+      if r["float_activations"]:
+        lines.append(f"- float activations: {', '.join(r['float_activations'][:8])}"
+                     + (" ..." if len(r["float_activations"]) > 8 else ""))
   if record.get("index"):
     lines += ["", "Gallery index: " + ", ".join(f"`{f}` ({r['count']} x, {r['bytes']:,} bytes)"
                                                 for f, r in record["index"].items())]

@@ -166,7 +166,9 @@ def distill_stage_config(model: ml_collections.ConfigDict, *, recipe: str = "mca
 
 # Names of export/quantize.py's RECIPES, plus the TF converter's own full-int8 ('tf'); kept here so
 # a config is checked without importing the export code (tests/test_export.py holds them equal).
-INT8_RECIPES = ("tf", "dynamic_w8", "a8w8", "a16w8")
+INT8_RECIPES = ("tf", "dynamic_w8", "a8w8", "a16w8", "npu", "npu_per_tensor")
+# Names of export/stage.py's FORMATS (TFLite files the export stage makes), for the same reason.
+EXPORT_FORMATS = ("fp32", "fp16", "dynamic", "int8", "npu", "npu_per_tensor")
 
 
 def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigDict:
@@ -187,6 +189,11 @@ def export_stage_config(source: str = "distill", **kw) -> ml_collections.ConfigD
   c.quant_cosine_min = 0.995  # dynamic / int8: min cosine vs JAX below this fails the export
   c.quant_r1_drop_max = 0.5   # int8 / dynamic R@1 (either way) this far below fp32 fails it,
   c.quant_r1_drop_queries = 1  # unless it is at most this many queries (small test sets)
+  # 'npu' / 'npu_per_tensor' files (static full-integer, export/npu.py): their own floors.
+  c.npu_cosine_min = 0.99
+  c.npu_r1_drop_max = 1.0
+  c.npu_per_tensor_cosine_min = 0.99
+  c.npu_per_tensor_r1_drop_max = 1.0
   c.reeval = ("fp32", "int8")  # formats re-run through the retrieval eval (rows student_<fmt>)
   c.index_formats = ("fp16", "int8")  # gallery index files of the test images
   c.index_encoder = "int8"    # which image encoder fills the index
@@ -402,7 +409,7 @@ def stage_ref(config, name: str, key: str, ref: str, kind: str) -> None:
 
 
 def _validate_export(config, name, s) -> None:
-  formats = ("fp32", "fp16", "dynamic", "int8")
+  formats = EXPORT_FORMATS
   need(s.source in config and config[s.source].get("kind") in ("dual", "distill"),
         f"{name}.source", f"{s.source!r} is not a dual or distill stage of this config")
   need(s.source in config.stages[: config.stages.index(name)] or bool(config[s.source].weights),
@@ -419,7 +426,7 @@ def _validate_export(config, name, s) -> None:
           f"{s.index_encoder!r} is not among formats {tuple(s.formats)}")
   for key in ("batch_size", "representative_examples", "parity_examples"):
     need(s[key] >= 1, f"{name}.{key}", f"must be >= 1, got {s[key]}")
-  for key in ("float_cosine_min", "quant_cosine_min"):
+  for key in ("float_cosine_min", "quant_cosine_min", "npu_cosine_min", "npu_per_tensor_cosine_min"):
     need(0 < s[key] <= 1, f"{name}.{key}", f"must be in (0, 1], got {s[key]}")
   need(s.quant_r1_drop_max >= 0, f"{name}.quant_r1_drop_max", f"must be >= 0, got {s.quant_r1_drop_max}")
   need(s.get("quant_r1_drop_queries", 1) >= 0, f"{name}.quant_r1_drop_queries", "must be >= 0")

@@ -53,6 +53,36 @@ def two_pass_layer_norm():
     _TWO_PASS_LN.reset(token)
 
 
+_EXPORT_FORM = contextvars.ContextVar("export_form", default=False)
+
+
+@contextlib.contextmanager
+def export_form():
+  """Within this context, the towers trace the forms the export wants for integer kernels.
+
+  The same function in float up to rounding, with the same parameters; training keeps the
+  plain forms. What changes:
+  - LayerNorms compute the variance in two passes (`two_pass_layer_norm`);
+  - the ViT's 'moments' pool multiplies the tokens by its constant weights with the constant on
+    the right: as the left operand of a static int8 BATCH_MATMUL (ai-edge-quantizer), LiteRT
+    returned all zeros, and with int16 activations it refused the operand pair;
+  - the text tower's 'moments' pool is one matmul of the tokens by the mask and positional
+    weights, not element-wise products summed (its first moment was lost in static int8);
+  - the text tower's padding mask is a select of 1.0 / 0.0, not a bool->float cast, which no
+    quantizer turns integer (it left a float CAST in the static int8 text encoder).
+  """
+  token = _EXPORT_FORM.set(True)
+  try:
+    with two_pass_layer_norm():
+      yield
+  finally:
+    _EXPORT_FORM.reset(token)
+
+
+def in_export_form() -> bool:
+  return _EXPORT_FORM.get()
+
+
 def layer_norm(name: str, dtype: Dtype = jnp.float32, eps: float = 1e-6) -> nn.LayerNorm:
   """LayerNorm; see `two_pass_layer_norm` for how the variance is computed."""
   return nn.LayerNorm(dtype=dtype, epsilon=eps, use_fast_variance=not _TWO_PASS_LN.get(), name=name)

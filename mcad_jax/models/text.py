@@ -58,7 +58,10 @@ class TextTransformer(nn.Module):
     x = layers.embed_lookup(table, ids) + pos[:, : ids.shape[-1]]
     if self.post_norm:
       x = layers.layer_norm("ln_emb", self.dtype, self.ln_eps)(x)
-    mask = (ids != self.pad_id).astype(jnp.float32)
+    if layers.in_export_form():  # A select, not a bool->float cast: integer kernels quantize it.
+      mask = jnp.where(ids != self.pad_id, jnp.float32(1.0), jnp.float32(0.0))
+    else:
+      mask = (ids != self.pad_id).astype(jnp.float32)
     x = layers.Encoder(self.depth, self.heads, self.mlp_dim, dtype=self.dtype, post_norm=self.post_norm,
                        gelu_exact=self.gelu_exact, ln_eps=self.ln_eps, name="encoder")(
                            x.astype(self.dtype), mask=None if self.causal else mask, causal=self.causal)
@@ -72,7 +75,14 @@ class TextTransformer(nn.Module):
       n = jnp.maximum(jnp.sum(m, axis=1), 1.0)
       p = jnp.linspace(-1.0, 1.0, ids.shape[-1], dtype=x.dtype)[None, :, None]
       p = p - jnp.sum(p * m, axis=1, keepdims=True) / n[:, None]
-      pooled = jnp.concatenate([jnp.sum(x * m, axis=1) / n, jnp.sum(x * m * p, axis=1) / n], -1)
+      if layers.in_export_form():
+        # Both moments as one [B, 2, L] x [B, L, D] matmul: an integer matmul accumulates the
+        # products wide, where the element-wise x * m * p, quantized per tensor before its sum,
+        # lost the first moment (a small sum of large terms) in static int8.
+        w = jnp.stack([mask, (m * p)[..., 0]], axis=1)
+        pooled = (jnp.einsum("bkl,bld->bkd", w, x) / n[:, None]).reshape(x.shape[0], -1)
+      else:
+        pooled = jnp.concatenate([jnp.sum(x * m, axis=1) / n, jnp.sum(x * m * p, axis=1) / n], -1)
     elif self.pool == "eot":
       pooled = jnp.take_along_axis(x, jnp.argmax(ids, axis=-1)[:, None, None], axis=1)[:, 0]
     else:

@@ -85,7 +85,12 @@ class ViT(nn.Module):
       pooled = x[:, 0]
     elif self.pool == "moments":
       gh, gw = h // self.patch, w // self.patch
-      pooled = jnp.einsum("bnd,kn->bkd", x, jnp.asarray(_moment_weights(gh, gw), x.dtype))
+      w = jnp.asarray(_moment_weights(gh, gw), x.dtype)
+      if layers.in_export_form():  # A plain [B*D, N] x [N, 3] matmul: the constant as weights.
+        xt = jnp.swapaxes(x, 1, 2).reshape(b * x.shape[-1], gh * gw)
+        pooled = jnp.swapaxes((xt @ w.T).reshape(b, x.shape[-1], 3), 1, 2)
+      else:
+        pooled = jnp.einsum("bnd,kn->bkd", x, w)
       pooled = pooled.reshape(b, 3 * self.width)
     else:
       raise ValueError(f"unknown pool {self.pool!r}; use 'gap', 'tok' or 'moments'")
