@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import traceback
@@ -44,7 +45,14 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail_config(f"bad argument: {e}")
+    msg = str(e)
+    if "Traceback (most recent call last)" in msg:
+      # ml_collections puts the config file's traceback (e.g. an unknown variant's ValueError)
+      # in the message: keep the flag and the error's own line.
+      flag = re.match(r"flag (--\S+?): ", msg)
+      msg = re.sub(r"^\w+: ", "", msg.strip().splitlines()[-1].strip())
+      msg = f"{flag.group(1)}: {msg}" if flag else msg
+    _fail_config(f"bad argument {msg}" if msg.startswith("--") else f"bad argument: {msg}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # From config overrides.
     _fail_config(f"bad config override: {e}")
 
@@ -173,6 +181,9 @@ def main(argv) -> None:
     _fail_config(str(e))
   p = jax.process_index()
   setup_logging(os.path.join(workdir, "mcad_jax.log" if p == 0 else f"mcad_jax.{p}.log"))
+  why = pipeline.unpreparable(config.data)
+  if why:
+    _fail_config(why)
   try:
     if p == 0:  # Only a config that passed the provenance check; each run's kept by its time.
       text = config.to_json_best_effort(indent=2)

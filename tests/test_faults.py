@@ -61,6 +61,11 @@ def ckpt_steps(w, stage="teacher") -> list[int]:
 
 @pytest.mark.parametrize("args,fragments", [
     (["--config=configs/nope.py"], ["--config", "No such file", "configs/nope.py"]),
+    (["--config=configs/shapes.py:nosuchvariant"],
+     ["--config=configs/shapes.py:nosuchvariant", "unknown shapes variant", "'smoke'"]),
+    # Not prepared in the tests' TFDS dir, and no folder to prepare it from.
+    (["--config=configs/flickr30k.py"],
+     ["data.manual_dir", "not prepared", "dataset_flickr30k.json", "flickr30k-images/"]),
     (["--config.distill.mcad.alpha=nan"], ["distill.mcad.alpha", "finite"]),
     (["--config.teacher.optim.lr=inf"], ["teacher.optim.lr", "finite"]),
     (["--config.teacher.optim.weight_decay=-0.1"], ["teacher.optim.weight_decay", "-0.1"]),
@@ -85,6 +90,16 @@ def test_bad_input_exits_2_naming_it(tmp_path, args, fragments):
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   one_line_failure(r, 2, *fragments)
   assert not (w / "teacher").exists()  # Before any compute.
+
+
+def test_flickr30k_folder_without_its_files_exits_2_naming_them(tmp_path):
+  folder = tmp_path / "flickr30k"
+  (folder / "flickr30k-images").mkdir(parents=True)
+  r = subprocess.run([sys.executable, "-m", "mcad_jax.main", "--config=configs/flickr30k.py",
+                      f"--workdir={tmp_path / 'w'}", f"--config.data.manual_dir={folder}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  last = one_line_failure(r, 2, "data.manual_dir", str(folder), "has no dataset_flickr30k.json")
+  assert "has no dataset_flickr30k.json or" not in last  # The images folder is there.
 
 
 # ----------------------------------------------------------------------------- config provenance
