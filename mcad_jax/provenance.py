@@ -21,21 +21,29 @@ runs, not what it computes.
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import os
 
 CONFIG_FILE = "config.json"
 
-# Recorded keys whose change leaves what a stage computed as it was: speed or the evaluation's
-# size only. Keep this short: anything here is trusted not to change a finished stage.
-PASS = frozenset({"data.eval_limit", "data.num_threads", "data.prefetch", "data.generate_workers"})
+# Recorded keys (fnmatch patterns) whose change leaves what a stage computed as it was: speed,
+# the evaluation's size, or where the same data lives (the dataset is named by data.tfds_name;
+# the teacher cache is keyed by the teacher's params). Keep this short: anything here is
+# trusted not to change a finished stage.
+PASS = ("data.eval_limit", "data.num_threads", "data.prefetch", "data.generate_workers",
+        "data.data_dir", "data.manual_dir", "*.cache_dir")
 
 KEEP, NEW, CONTINUE, REDO = "keep", "new", "continue", "redo"
 
 
 class ConfigChanged(ValueError):
   """The config differs from the one a finished or part-trained stage was trained with."""
+
+
+def _passes(key: str) -> bool:
+  return any(fnmatch.fnmatchcase(key, p) for p in PASS)
 
 
 def _flat(prefix: str, value) -> dict:
@@ -72,7 +80,7 @@ def record(config, name: str) -> dict:
 
 def fingerprint(config, name: str) -> str:
   """Hash of stage `name`'s record without the `PASS` keys (its readers record it)."""
-  rec = {k: v for k, v in record(config, name).items() if k not in PASS}
+  rec = {k: v for k, v in record(config, name).items() if not _passes(k)}
   return hashlib.sha256(json.dumps(rec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -109,7 +117,7 @@ def plan(config, workdir: str, accept: bool = False) -> dict[str, str]:
       continue
     new = record(config, name)
     diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-            if k not in PASS and not k.startswith("reads.") and old.get(k) != new.get(k)}
+            if not _passes(k) and not k.startswith("reads.") and old.get(k) != new.get(k)}
     steps = diff.get(f"{name}.steps")
     raised = (steps is not None and isinstance(steps[0], int) and isinstance(steps[1], int)
               and steps[1] > steps[0] and config[name].get("kind") != "export")
