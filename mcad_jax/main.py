@@ -3,7 +3,8 @@
 Wires things together and nothing else: flags -> config check -> workdir and
 its lock -> distributed init -> mesh -> device checks -> `run.run_stages`.
 Exit codes: 0 on success, 2 on a bad config or bad arguments (before any
-compute, also for a workdir another run holds), 143 when preempted, 1 on any
+compute, also for a workdir another run holds or a config that differs from
+the one its stages trained with, `provenance.plan`), 143 when preempted, 1 on any
 other failure. An anticipated failure prints one line; its traceback goes to
 the log file `W/mcad_jax.log` (and to stderr with `--verbosity=1`).
 """
@@ -12,7 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
+import time
 import traceback
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TFDS imports TF; keep its C++ logs quiet.
@@ -23,6 +26,9 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/shapes.py:smoke.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_ACCEPT = flags.DEFINE_bool("accept_config_change", False,
+                            "Retrain the stages whose recorded config differs from --config "
+                            "(and the stages that read them) instead of exiting 2.")
 
 EXIT_FAILED, EXIT_BAD_CONFIG, EXIT_PREEMPTED = 1, 2, 143
 
@@ -39,7 +45,14 @@ def parse_flags(argv):
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    _fail_config(f"bad argument: {e}")
+    msg = str(e)
+    if "Traceback (most recent call last)" in msg:
+      # ml_collections puts the config file's traceback (e.g. an unknown variant's ValueError)
+      # in the message: keep the flag and the error's own line.
+      flag = re.match(r"flag (--\S+?): ", msg)
+      msg = re.sub(r"^\w+: ", "", msg.strip().splitlines()[-1].strip())
+      msg = f"{flag.group(1)}: {msg}" if flag else msg
+    _fail_config(f"bad argument {msg}" if msg.startswith("--") else f"bad argument: {msg}")
   except (AttributeError, KeyError, TypeError, ValueError) as e:  # From config overrides.
     _fail_config(f"bad config override: {e}")
 
@@ -137,7 +150,7 @@ def main(argv) -> None:
     _fail_config("--config is required, e.g. --config=configs/shapes.py:smoke")
   if not _WORKDIR.value:
     _fail_config("--workdir is required")
-  from mcad_jax import config_lib
+  from mcad_jax import config_lib, provenance
 
   try:
     config_lib.validate(config)
@@ -163,14 +176,22 @@ def main(argv) -> None:
   try:
     config_lib.validate_for_mesh(config, mesh)
     lock = workdir_lock.lock_workdir(workdir)  # noqa: F841 - held until the process ends.
-  except (config_lib.ConfigError, workdir_lock.WorkdirBusy) as e:
+    actions = provenance.plan(config, workdir, accept=_ACCEPT.value)
+  except (config_lib.ConfigError, workdir_lock.WorkdirBusy, provenance.ConfigChanged) as e:
     _fail_config(str(e))
   p = jax.process_index()
   setup_logging(os.path.join(workdir, "mcad_jax.log" if p == 0 else f"mcad_jax.{p}.log"))
+  why = pipeline.unpreparable(config.data)
+  if why:
+    _fail_config(why)
   try:
-    if p == 0:
-      fileio.atomic_write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    results = run.run_stages(config, workdir, mesh)
+    if p == 0:  # Only a config that passed the provenance check; each run's kept by its time.
+      text = config.to_json_best_effort(indent=2)
+      os.makedirs(os.path.join(workdir, "configs"), exist_ok=True)
+      stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+      fileio.atomic_write(os.path.join(workdir, "configs", f"{stamp}.json"), text)
+      fileio.atomic_write(os.path.join(workdir, "config.json"), text)
+    results = run.run_stages(config, workdir, mesh, actions)
   except preemption.Preempted as e:
     _stop(e, EXIT_PREEMPTED)
   except (metrics.NonFiniteLossError, run.StageFailed, checkpoint.CheckpointError,

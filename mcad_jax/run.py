@@ -8,12 +8,14 @@ the benchmarks) call `run_stages`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 
 import jax
 
-from mcad_jax import train
+from mcad_jax import fileio, provenance, train
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +48,37 @@ def export_stage(config, name: str, workdir: str, mesh=None) -> dict:
   return record
 
 
-def run_stages(config, workdir: str, mesh) -> dict:
-  """Runs every configured stage in order; returns the results.json dict."""
+def _prepare(config, name: str, workdir: str, action: str) -> None:
+  """Applies `provenance.plan`'s action to the stage's directory and records its config."""
+  stage_dir = os.path.join(workdir, name)
+  if jax.process_index() == 0:
+    if action == provenance.REDO:
+      log.info("Stage %s: its config or a stage it reads changed; training it again.", name)
+      shutil.rmtree(stage_dir, ignore_errors=True)
+    elif action == provenance.CONTINUE:
+      log.info("Stage %s: steps raised to %d; continuing from its last checkpoint.", name,
+               config[name].steps)
+      with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(stage_dir, train.DONE_FILE))
+  if jax.process_count() > 1:  # No process may read done.json before process 0 acts on it.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"prepare {name}")
+  # A stage finished before stages recorded their config keeps no record: one now would be a guess.
+  if action != provenance.KEEP and train.read_done(stage_dir) is None and jax.process_index() == 0:
+    os.makedirs(stage_dir, exist_ok=True)
+    fileio.write_json(os.path.join(stage_dir, provenance.CONFIG_FILE),
+                      provenance.record(config, name))
+
+
+def run_stages(config, workdir: str, mesh, actions: dict[str, str] | None = None) -> dict:
+  """Runs every configured stage in order; returns the results.json dict.
+
+  Args:
+    actions: `provenance.plan`'s verdict per stage (default: none checked; every stage new).
+  """
   results = {"config": config.name, "stages": {}, "retrieval": {}, "hard_negatives": {}}
   for name in config.stages:
+    _prepare(config, name, workdir, (actions or {}).get(name, provenance.NEW))
     rec = KINDS[config[name].kind](config, name, workdir, mesh)
     results["stages"][name] = {"seconds": rec["seconds"], "steps": rec["steps"]}
     if "export" in rec:

@@ -61,6 +61,11 @@ def ckpt_steps(w, stage="teacher") -> list[int]:
 
 @pytest.mark.parametrize("args,fragments", [
     (["--config=configs/nope.py"], ["--config", "No such file", "configs/nope.py"]),
+    (["--config=configs/shapes.py:nosuchvariant"],
+     ["--config=configs/shapes.py:nosuchvariant", "unknown shapes variant", "'smoke'"]),
+    # Not prepared in the tests' TFDS dir, and no folder to prepare it from.
+    (["--config=configs/flickr30k.py"],
+     ["data.manual_dir", "not prepared", "dataset_flickr30k.json", "flickr30k-images/"]),
     (["--config.distill.mcad.alpha=nan"], ["distill.mcad.alpha", "finite"]),
     (["--config.teacher.optim.lr=inf"], ["teacher.optim.lr", "finite"]),
     (["--config.teacher.optim.weight_decay=-0.1"], ["teacher.optim.weight_decay", "-0.1"]),
@@ -85,6 +90,62 @@ def test_bad_input_exits_2_naming_it(tmp_path, args, fragments):
                      cwd=ROOT, capture_output=True, text=True, timeout=300)
   one_line_failure(r, 2, *fragments)
   assert not (w / "teacher").exists()  # Before any compute.
+
+
+def test_flickr30k_folder_without_its_files_exits_2_naming_them(tmp_path):
+  folder = tmp_path / "flickr30k"
+  (folder / "flickr30k-images").mkdir(parents=True)
+  r = subprocess.run([sys.executable, "-m", "mcad_jax.main", "--config=configs/flickr30k.py",
+                      f"--workdir={tmp_path / 'w'}", f"--config.data.manual_dir={folder}"],
+                     cwd=ROOT, capture_output=True, text=True, timeout=300)
+  last = one_line_failure(r, 2, "data.manual_dir", str(folder), "has no dataset_flickr30k.json")
+  assert "has no dataset_flickr30k.json or" not in last  # The images folder is there.
+
+
+# ----------------------------------------------------------------------------- config provenance
+
+
+def test_rerun_with_another_config_refused_raised_steps_continue(tmp_path, tiny_data):
+  """One workdir through the reruns a user makes after a finished teacher stage.
+
+  1. A change that alters what the stage computed exits 2 naming the key (old -> new) and the
+     way out; config.json, results.json and the stage's record stay as they were.
+  2. A change in a key that alters nothing made (log cadence) passes.
+  3. Raised steps continue from the last checkpoint and the results say the new count.
+  4. --accept_config_change retrains the stage with the new config.
+  """
+  del tiny_data
+  w = tmp_path / "w"
+  base = ["--config.stages=('teacher',)", "--config.teacher.steps=20", "--config.ckpt_every=10"]
+  r = run_main(w, *base)
+  assert r.returncode == 0, r.stderr[-3000:]
+  kept = {p: (w / p).read_bytes() for p in ("config.json", "results.json", "teacher/config.json")}
+  assert json.loads(kept["teacher/config.json"])["teacher.steps"] == 20
+
+  r = run_main(w, *base, "--config.teacher.model.embed_dim=48")
+  one_line_failure(r, 2, "'teacher'", "teacher.model.embed_dim: 64 -> 48", "new --workdir",
+                   "--accept_config_change")
+  assert {p: (w / p).read_bytes() for p in kept} == kept
+
+  r = run_main(w, *base, "--config.log_every=7")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "already finished" in r.stderr
+
+  r = run_main(w, *base[:-2], "--config.teacher.steps=30", "--config.ckpt_every=10")
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "resumes from step 20" in r.stderr, r.stderr[-3000:]
+  res = json.loads((w / "results.json").read_text())
+  assert res["stages"]["teacher"]["steps"] == 30
+  logged = [json.loads(x)["step"] for x in (w / "teacher" / "metrics.jsonl").read_text().splitlines()]
+  assert logged[-1] == 30 and logged == sorted(set(logged)) and ckpt_steps(w)[-1] == 30
+  assert json.loads((w / "teacher" / "config.json").read_text())["teacher.steps"] == 30
+  assert len(list((w / "configs").iterdir())) == 3  # The refused run's config is not kept.
+
+  r = run_main(w, *base, "--config.teacher.model.embed_dim=48", "--accept_config_change")
+  assert r.returncode == 0, r.stderr[-3000:]
+  rec = json.loads((w / "teacher" / "config.json").read_text())
+  assert rec["teacher.model.embed_dim"] == 48 and rec["teacher.steps"] == 20
+  assert json.loads((w / "results.json").read_text())["stages"]["teacher"]["steps"] == 20
 
 
 # ----------------------------------------------------------------------------- checkpoints

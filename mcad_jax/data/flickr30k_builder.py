@@ -44,6 +44,7 @@ class Flickr30k(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release."}
+  MANUAL_FILES = (JSON_NAME, f"{IMAGE_DIR}/")  # What `pipeline.unpreparable` checks for.
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
       f"Place {JSON_NAME} (Karpathy's split file) and the {IMAGE_DIR}/ folder of JPEGs in the "
       "manual dir (config: data.manual_dir).")

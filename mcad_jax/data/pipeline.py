@@ -16,6 +16,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import dataclasses
+import errno
 import functools
 import io
 import logging
@@ -83,20 +84,28 @@ def ensure_prepared(data_cfg) -> None:
   tfds = _tfds()
 
   def prepare():
-    with _quiet_tfds():
+    # TFDS imports TensorFlow (building TFDS's own builders, preparing), whose C++ start-up lines
+    # go to the run's log file.
+    with _quiet_tfds(), tool_output.tool_output_to(tool_output.run_log_file()):
       builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None,
                              file_format="array_record")
       prepared = builder.is_prepared()
-    if not prepared:
-      log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
-      t = time.time()
-      manual = data_cfg.get("manual_dir") or None
-      # TFDS imports TensorFlow here, whose C++ start-up lines go to the run's log file.
-      with _quiet_tfds(), tool_output.tool_output_to(tool_output.run_log_file()):
+    if prepared:
+      return
+    log.info("Preparing %s into %s (first use).", data_cfg.tfds_name, builder.data_dir)
+    t = time.time()
+    manual = data_cfg.get("manual_dir") or None
+    with _quiet_tfds(), tool_output.tool_output_to(tool_output.run_log_file()):
+      try:
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(manual_dir=manual) if manual else None)
-      log.info("Prepared %s in %.0f s.", data_cfg.tfds_name, time.time() - t)
+      except Exception as e:
+        if manual or builder.MANUAL_DOWNLOAD_INSTRUCTIONS or isinstance(e, DataFault) or (
+            isinstance(e, OSError) and e.errno == errno.ENOSPC):
+          raise
+        raise DataFault(_download_failed(data_cfg, builder, e)) from e
+    log.info("Prepared %s in %.0f s.", data_cfg.tfds_name, time.time() - t)
 
   if jax.process_index() == 0:
     prepare()
@@ -122,6 +131,50 @@ def _quiet_tfds():
     absl_log.setLevel(level)
     if out.getvalue().strip():
       log.debug("TFDS: %s", out.getvalue().strip())
+
+
+# What a dataset TFDS downloads itself fetches on first use, for the message when it cannot.
+DOWNLOAD_SIZE = {"coco_captions": "about 20 GB of COCO images and captions"}
+
+
+def _download_failed(data_cfg, builder, e: Exception) -> str:
+  name = data_cfg.tfds_name.split("/")[0].split(":")[0]
+  what = DOWNLOAD_SIZE.get(name, "its source files")
+  cause = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+  return (f"could not download {data_cfg.tfds_name} ({what}) to prepare it in {builder.data_dir}: "
+          f"{cause}. On a machine that cannot reach its hosts, set --config.data.data_dir to a "
+          f"TFDS data dir where {name} is already prepared (e.g. a copy on gs://)")
+
+
+def unpreparable(data_cfg) -> str | None:
+  """Why the dataset is neither prepared nor preparable from its manual folder, else None.
+
+  For manual-download datasets (Flickr30K): checked before any compute, so a missing folder
+  or file is one line naming them, not TFDS's assertion mid-run.
+  """
+  import importlib
+
+  ad = adapter(data_cfg.tfds_name)
+  if ad.module:
+    importlib.import_module(ad.module)
+  tfds = _tfds()
+  with _quiet_tfds(), tool_output.tool_output_to(tool_output.run_log_file()):
+    builder = tfds.builder(data_cfg.tfds_name, data_dir=data_cfg.data_dir or None,
+                           file_format="array_record")
+    if not builder.MANUAL_DOWNLOAD_INSTRUCTIONS or builder.is_prepared():
+      return None
+  files = tuple(getattr(builder, "MANUAL_FILES", ()))
+  need = " and ".join(files) or builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()
+  folder = data_cfg.get("manual_dir") or ""
+  if not folder:
+    return (f"data.manual_dir: {data_cfg.tfds_name} is not prepared in {builder.data_dir} and is "
+            f"prepared from files you place: set --config.data.manual_dir=DIR to a folder "
+            f"holding {need}")
+  missing = [f for f in files if not os.path.exists(os.path.join(folder, f.rstrip("/")))]
+  if missing:
+    return (f"data.manual_dir: {folder} has no {' or '.join(missing)}; "
+            f"{data_cfg.tfds_name} is prepared from a folder holding {need}")
+  return None
 
 
 class DataFault(RuntimeError):
