@@ -105,6 +105,8 @@ def test_flickr30k_folder_without_its_files_exits_2_naming_them(tmp_path):
 # ----------------------------------------------------------------------------- config provenance
 
 
+@pytest.mark.slow  # Five runs of the pipeline (~3 min); `make test-slow` (CI runs it). The plan's
+# decisions themselves are checked fast in tests/test_provenance.py.
 def test_rerun_with_another_config_refused_raised_steps_continue(tmp_path, tiny_data):
   """One workdir through the reruns a user makes after a finished teacher stage.
 
