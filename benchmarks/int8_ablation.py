@@ -40,16 +40,8 @@ def main():
   calib = stage.calibration_data(config, 1000, tok)
   rows = []
   for two_pass in (False, True):
-    ctx = layers.two_pass_layer_norm if two_pass else contextlib.nullcontext
-
-    def fn(method, cast, ctx=ctx):
-      def f(x):
-        with ctx():
-          return model.apply({"params": params}, cast(x), method=method)[0]
-      return f
-
-    fns = {"image": fn(model.encode_image, lambda x: x.astype(np.float32)),
-           "text": fn(model.encode_text, lambda x: x)}
+    fns = convert.encoder_fns(model, params, layers.two_pass_layer_norm if two_pass
+                              else contextlib.nullcontext)
     ref = {k: np.asarray(jax.jit(fns[k])(held[k])) for k in held}
     with tempfile.TemporaryDirectory() as tmp:
       sm = convert.save_savedmodel(fns, specs, os.path.join(tmp, "sm"), uint8_image=False)

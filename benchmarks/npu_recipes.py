@@ -97,16 +97,8 @@ def main():
   src = config.export.source if "export" in config else "distill"
   model, params = stage.load_student(config, args.workdir, src)
   tok = stage.student_tokenizer(config, src)
-  ctx = layers.export_form if args.graph == "export" else layers.two_pass_layer_norm
-
-  def fn(method, cast):
-    def f(x):
-      with ctx():
-        return model.apply({"params": params}, cast(x), method=method)[0]
-    return f
-
-  fns = {"image": fn(model.encode_image, lambda x: x.astype(np.float32)),
-         "text": fn(model.encode_text, lambda x: x)}
+  fns = convert.encoder_fns(model, params, layers.export_form if args.graph == "export"
+                            else layers.two_pass_layer_norm)
   test = stage._test_data(config, config.data.eval_limit or None, tok)
   images = test.images.astype(np.float32)
   full = {"image": images, "text": test.texts}

@@ -26,17 +26,24 @@ class ExportError(RuntimeError):
   """An export that must not ship: unsupported op, failed conversion, bad parity."""
 
 
-def encoder_fns(model, params) -> dict[str, Callable]:
-  """{'image': uint8/float [B,S,S,3] -> zimg, 'text': int32 [B,L] -> ztxt} with params closed over."""
+def encoder_fns(model, params, form: Callable | None = None) -> dict[str, Callable]:
+  """{'image': uint8/float [B,S,S,3] -> zimg, 'text': int32 [B,L] -> ztxt} with params closed over.
+
+  Args:
+    form: a context manager factory the encoders are traced under; default the export's
+      integer-friendly forms (`layers.export_form`: two-pass LayerNorm, matmul pools, ...).
+      The benchmarks pass others to compare graphs.
+  """
   from mcad_jax.models.layers import export_form
 
-  # Traced in the integer-friendly forms (two-pass LayerNorm, ...: mcad_jax/models/layers.py).
+  form = form or export_form
+
   def image(x):
-    with export_form():
+    with form():
       return model.apply({"params": params}, x.astype(jnp.float32), method=model.encode_image)[0]
 
   def text(ids):
-    with export_form():
+    with form():
       return model.apply({"params": params}, ids, method=model.encode_text)[0]
 
   return {"image": image, "text": text}
