@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     print(f"export: {err}", file=sys.stderr)
     return 1
   path = os.path.join(workdir, "results.json")
-  results = json.load(open(path)) if os.path.isfile(path) else {"config": config.name}
+  results = fileio.read_json(path) or {"config": config.name}
   results.setdefault("stages", {})["export"] = {"seconds": rec["seconds"], "steps": 0}
   results.setdefault("retrieval", {}).update(rec["retrieval"])
   results["export"] = rec["export"]

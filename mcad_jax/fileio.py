@@ -41,6 +41,14 @@ def atomic_write(path: str, data: bytes | str) -> None:
       f.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
+def read_json(path: str):
+  """The JSON object at `path`, or None where there is no file (a file is whole or absent)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
 def write_json(path: str, obj, indent: int | None = 2) -> None:
   """`obj` as JSON at `path`, atomically."""
   atomic_write(path, json.dumps(obj, indent=indent))

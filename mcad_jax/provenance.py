@@ -26,6 +26,8 @@ import hashlib
 import json
 import os
 
+from mcad_jax import fileio
+
 CONFIG_FILE = "config.json"
 
 # Recorded keys (fnmatch patterns) whose change leaves what a stage computed as it was: speed,
@@ -85,11 +87,7 @@ def fingerprint(config, name: str) -> str:
 
 
 def read_record(stage_dir: str) -> dict | None:
-  path = os.path.join(stage_dir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(os.path.join(stage_dir, CONFIG_FILE))
 
 
 def _state(stage_dir: str) -> str | None:

@@ -12,7 +12,6 @@ the checkpoint.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
@@ -133,11 +132,7 @@ def abstract_state(stage: stages.Stage, scfg, config, mesh):
 
 
 def read_done(stage_dir: str) -> dict | None:
-  path = os.path.join(stage_dir, DONE_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return fileio.read_json(os.path.join(stage_dir, DONE_FILE))
 
 
 def write_json(path: str, obj) -> None:
