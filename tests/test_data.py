@@ -195,3 +195,19 @@ def test_canonical_caption_flags_facts_and_their_converse():
   assert held.canonical("a large blue square right of a small green circle") == (False, True)
   assert held.canonical("a large blue square left of a small green circle") == (False, False)
   assert held.canonical("two shapes: a red circle and a blue square") == (False, False)
+
+
+def test_generated_source_needs_no_tensorflow_before_training():
+  """data.source='generate' is for images without TensorFlow (or TFDS): the checks the main job
+  runs before any compute must not import them."""
+  import pathlib
+  import subprocess
+  import sys
+
+  code = ("import sys; from configs import shapes; from mcad_jax.data import pipeline; "
+          "c = shapes.get_config('smoke').data; c.source = 'generate'; "
+          "print(pipeline.unpreparable(c), any(m.startswith(('tensorflow', 'tensorflow_datasets')) "
+          "for m in sys.modules))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=pathlib.Path(__file__).resolve().parents[1]).stdout
+  assert out.split() == ["None", "False"], out

@@ -154,6 +154,8 @@ def unpreparable(data_cfg) -> str | None:
   """
   import importlib
 
+  if data_cfg.get("source", "tfds") == "generate":  # Nothing to prepare, and no TensorFlow to ask.
+    return None
   ad = adapter(data_cfg.tfds_name)
   if ad.module:
     importlib.import_module(ad.module)
