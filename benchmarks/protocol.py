@@ -30,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 
 import numpy as np
+
+from benchmarks import recipes
+from mcad_jax import fileio
 
 OUT = "workdirs/protocol"
 STEPS = 1500
@@ -48,11 +50,8 @@ CRITERIA = ("rsum+hn", "rsum", "hn")
 DUALS = ("shipped", "negclip")
 NEGCLIP_SET = "shapes_negclip"
 
-# Recipe rows: (row, recipe, fixed distill settings).
-ROWS = (("student_only", "student_only", {"hard_columns": False}),
-        ("student_only+twins", "student_only", {}),
-        ("clip_kd", "clip_kd", {}), ("tinyclip", "tinyclip", {}), ("conaclip", "conaclip", {}),
-        ("mcad", "mcad", {}))
+# Recipe rows, (row, recipe, fixed distill settings): recipes.py's.
+ROWS = recipes.ROWS
 # Rows whose loss reads no dual teacher run once, not once per dual teacher.
 TEACHERLESS = ("student_only", "student_only+twins")
 # MCAD's ablation ladder, on top of its selected setting.
@@ -129,19 +128,11 @@ def negclip_ready(out: str) -> bool:
 
 
 def config_for(run: Run, out: str, steps: int = STEPS, source: str = "tfds"):
-  from configs import shapes
-
-  c = shapes.get_config("demo")
-  c.stages = ("distill",)
   recipe, fixed = next((r, f) for n, r, f in ROWS if n == run.row)
-  if run.dual == "negclip":
+  c = recipes.recipe_config("demo", "shipped", recipe, run.seed, steps)
+  if run.dual == "negclip":  # Only the dual teacher changes; the fusion teacher stays shipped.
     c.teacher.weights = negclip_weights(out)
-  c.distill.recipe = recipe
-  c.distill.cache = True
   c.data.source = source  # 'generate': no TensorFlow (a GPU image); the same examples.
-  c.distill.steps = steps
-  c.distill.optim.warmup_steps = min(c.distill.optim.warmup_steps, max(1, steps // 15))
-  c.seed = run.seed
   c.distill.update(fixed)
   for key, val in run.setting:
     node = c.distill
@@ -156,12 +147,9 @@ def config_for(run: Run, out: str, steps: int = STEPS, source: str = "tfds"):
 
 
 def result(run: Run, out: str) -> dict | None:
-  path = os.path.join(run.workdir(out), "distill", "done.json")
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    rec = json.load(f)["retrieval"]["student"]
-  return rec
+  """The run's student row (retrieval and hard negatives), or None if it has not finished."""
+  done = fileio.read_json(os.path.join(run.workdir(out), "distill", "done.json"))
+  return done["retrieval"]["student"] if done else None
 
 
 def score(rec: dict, criterion: str) -> float:
@@ -193,13 +181,6 @@ def test_runs(out: str, criterion: str, duals=DUALS) -> list[Run]:
   return list(dict.fromkeys(runs))  # An ablation equal to the selection is not run twice.
 
 
-def _run(config, workdir: str) -> dict:
-  from mcad_jax import config_lib, run, sharding
-
-  config_lib.validate(config)
-  return run.run_stages(config, workdir, sharding.make_mesh(config.mesh))
-
-
 def _mine(runs: list[Run], worker: int, workers: int) -> list[Run]:
   return [r for i, r in enumerate(runs) if i % workers == worker]
 
@@ -209,7 +190,7 @@ def _drain(runs: list[Run], args) -> None:
   for r in _mine(runs, args.worker, args.workers):
     if result(r, args.out) is None and (r.dual != "negclip" or negclip_ready(args.out)):
       t0 = time.time()
-      _run(config_for(r, args.out, args.steps, args.data_source), r.workdir(args.out))
+      recipes.run(config_for(r, args.out, args.steps, args.data_source), r.workdir(args.out))
       print(f"protocol: {r.workdir(args.out)} done in {(time.time() - t0) / 60:.1f} min", flush=True)
 
 
@@ -221,7 +202,7 @@ def cmd_run(args) -> None:
   duals = tuple(args.duals)
   if "negclip" in duals and args.worker == 1 % args.workers and not negclip_ready(args.out):
     # One worker trains the NegCLIP teacher while the others start on the shipped one's runs.
-    _run(shapes.get_config("teachers_negclip"), os.path.join(args.out, "teachers_negclip"))
+    recipes.run(shapes.get_config("teachers_negclip"), os.path.join(args.out, "teachers_negclip"))
   val = val_runs(duals)
   while any(result(r, args.out) is None for r in val):
     _drain(val, args)
@@ -246,11 +227,6 @@ def paired_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return float(d.mean()), math.nan, math.nan
   half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
   return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
-
-
-def _fmt(xs) -> str:
-  xs = np.asarray(xs, float)
-  return f"{xs.mean():.1f} ± {xs.std(ddof=1):.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
 
 
 def selection_table(out: str, criterion: str, duals=DUALS) -> list[str]:
@@ -295,7 +271,7 @@ def test_table(out: str, criterion: str, duals=DUALS) -> list[str]:
       diffs.append(f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}]" + (" *" if lo > 0 or hi < 0 else ""))
     tag = "_".join(f"{k.replace('mcad.', '')}={v}" for k, v in setting) or "default"
     lines.append(f"| {'-' if row in TEACHERLESS else dual} | {name} | {tag} | {len(seeds)} | "
-                 + " | ".join(_fmt([recs[s].get(c, math.nan) for s in seeds]) for c in COLS)
+                 + " | ".join(recipes.fmt([recs[s].get(c, math.nan) for s in seeds]) for c in COLS)
                  + " | " + " | ".join(diffs) + " |")
   return lines
 
